@@ -1,0 +1,1 @@
+"""Command line of geomprobe (installed as geomprobe.cli)."""

@@ -1,0 +1,1 @@
+"""MFTMA: replica mean-field theoretic manifold analysis (spec: shared/spec/mftma.md)."""

@@ -1,0 +1,1 @@
+"""PyTorch trainers that produce geomprobe activation files (installed as geomprobe.trainers)."""
