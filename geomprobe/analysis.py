@@ -343,6 +343,7 @@ def analyze(
     force: bool = False,
     resume: bool = False,
     runner=None,
+    client=None,
     progress=None,
 ) -> AnalysisReport:
     """Analyse activation files: every (file, layer, subset) task, in a fixed order.
@@ -351,7 +352,8 @@ def analyze(
     finishes (so an interrupted run loses nothing done; ``resume=True`` skips those tasks), then
     OUTDIR/metrics.json and OUTDIR/metrics.csv are written. ``runner(tasks, options, on_done)``
     runs the tasks (default: serially here; see geomprobe.distributed for Dask). ``progress`` is
-    called with each finished TaskResult.
+    called with each finished TaskResult. ``client``: a dask.distributed Client; the tasks then run
+    on its cluster (same numbers as the local run).
     """
     from .io import atomic_write_text
 
@@ -384,6 +386,12 @@ def analyze(
         if progress is not None:
             progress(r)
 
+    if client is not None:
+        if runner is not None:
+            raise InputError("give either runner or client, not both")
+        from .distributed import dask_runner
+
+        runner = dask_runner(client)
     todo = [t for t in tasks if t.key not in done]
     (runner or serial_runner)(todo, options, on_done)
     rows, notes, errors = [], [], []
