@@ -1,0 +1,135 @@
+"""Checkpoints (atomic), relative weight distance from init, and layer rewinding (paper 003 section 4)."""
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from geomprobe._validation import InputError
+from geomprobe.io import atomic_write_bytes
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "epoch_checkpoints",
+    "checkpoint_path",
+    "relative_weight_distance",
+    "rewind_layer",
+    "rewind_table",
+    "layer_param_names",
+]
+
+_EPOCH_RE = re.compile(r"^epoch_(\d+)\.pt$")
+
+
+def checkpoint_path(out: str | Path, epoch: int | str) -> Path:
+    """``out/checkpoints/epoch_0007.pt`` for an int, ``out/checkpoints/<name>.pt`` for 'last' / 'best'."""
+    name = f"epoch_{epoch:04d}" if isinstance(epoch, int) else str(epoch)
+    return Path(out) / "checkpoints" / f"{name}.pt"
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """torch.save into memory, then write atomically (temporary file + rename): never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return atomic_write_bytes(path, buf.getvalue(), force=True)
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only``: no arbitrary code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt / foreign files
+        raise InputError(f"{path}: not a readable geomprobe checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def epoch_checkpoints(out: str | Path) -> dict[int, Path]:
+    """epoch -> path of every ``epoch_NNNN.pt`` under ``out/checkpoints``, sorted by epoch."""
+    folder = Path(out) / "checkpoints"
+    found = {}
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = _EPOCH_RE.match(p.name)
+            if m:
+                found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def relative_weight_distance(initial: dict[str, torch.Tensor], current: dict[str, torch.Tensor] | nn.Module) \
+        -> dict[str, float]:
+    """||W_t - W_0|| / ||W_0|| (Frobenius) for every floating-point tensor (paper 002 appendix D).
+
+    Tensors whose initial norm is 0 (zero-initialised biases) give ||W_t|| (absolute distance) and are
+    reported under their name with suffix ' (abs)' so the change is never hidden or divided by zero.
+    """
+    cur = current.state_dict() if isinstance(current, nn.Module) else current
+    out: dict[str, float] = {}
+    for name, w0 in initial.items():
+        if name not in cur or not torch.is_floating_point(w0) or "running_" in name:
+            continue
+        w0d = w0.detach().double().cpu()
+        diff = float(torch.linalg.vector_norm(cur[name].detach().double().cpu() - w0d))
+        n0 = float(torch.linalg.vector_norm(w0d))
+        if n0 > 0:
+            out[name] = diff / n0
+        else:
+            out[name + " (abs)"] = diff
+    return out
+
+
+def layer_param_names(model: nn.Module) -> dict[str, list[str]]:
+    """Weight layer name -> its state-dict keys (parameters and buffers such as BatchNorm statistics).
+
+    A layer is every module with parameters of its own; BatchNorm following a conv belongs to itself.
+    """
+    out: dict[str, list[str]] = {}
+    for mname, mod in model.named_modules():
+        own = [n for n, _ in mod.named_parameters(recurse=False)] + [n for n, _ in mod.named_buffers(recurse=False)]
+        if any(True for _ in mod.parameters(recurse=False)):
+            out[mname] = [f"{mname}.{n}" if mname else n for n in own]
+    return out
+
+
+def rewind_layer(model: nn.Module, layer: str, state: dict[str, torch.Tensor]) -> None:
+    """Replace one layer's parameters (and buffers) in ``model`` by their values in ``state``."""
+    names = layer_param_names(model)
+    if layer not in names:
+        raise InputError(f"layer {layer!r} has no parameters in {type(model).__name__}; layers: {', '.join(names)}")
+    with torch.no_grad():
+        sd = model.state_dict()
+        for key in names[layer]:
+            if key not in state:
+                raise InputError(f"checkpoint has no tensor {key!r} for layer {layer!r}")
+            sd[key].copy_(state[key].to(sd[key].device))
+
+
+def rewind_table(model: nn.Module, final_state: dict[str, torch.Tensor], checkpoints: dict[int, Any],
+                 evaluate: Callable[[nn.Module], dict[str, float]], layers: Sequence[str] | None = None) \
+        -> list[dict[str, Any]]:
+    """For every (layer, epoch): load the final weights, rewind that layer to ``epoch`` and evaluate.
+
+    ``checkpoints`` maps epoch -> path or model state dict; ``evaluate(model)`` returns metrics (e.g.
+    train/test accuracy). Returns rows {layer, epoch, **metrics}. The model ends with the final weights.
+    """
+    layers = list(layers) if layers is not None else list(layer_param_names(model))
+    rows = []
+    for epoch, ck in checkpoints.items():
+        state = ck if isinstance(ck, dict) and "model" not in ck else None
+        if state is None:
+            loaded = load_checkpoint(ck) if not isinstance(ck, dict) else ck
+            state = loaded["model"]
+        for layer in layers:
+            model.load_state_dict(final_state)
+            rewind_layer(model, layer, state)
+            rows.append({"layer": layer, "epoch": int(epoch), **evaluate(model)})
+    model.load_state_dict(final_state)
+    return rows
