@@ -139,11 +139,11 @@ def check_labels(labels: Any, n: int | None = None, name: str = "labels", *, row
     if np.issubdtype(arr.dtype, np.floating):
         if arr.size and not np.all(np.isfinite(arr)):
             i = int(np.flatnonzero(~np.isfinite(arr))[0])
-            raise InputError(f"{name} must be integers, got non-finite value {arr[i]} at index {i}")
+            raise InputError(f"{name} must be integers, got non-finite value {float(arr[i])} at index {i}")
         frac = arr != np.round(arr)
         if np.any(frac):
             i = int(np.flatnonzero(frac)[0])
-            raise InputError(f"{name} must be integers, got {arr[i]!r} at index {i} (dtype {arr.dtype})")
+            raise InputError(f"{name} must be integers, got {float(arr[i])!r} at index {i} (dtype {arr.dtype})")
         return arr.astype(np.int64)
     raise InputError(f"{name} must be integers, got dtype {arr.dtype}")
 

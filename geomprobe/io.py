@@ -206,7 +206,7 @@ class ActivationFile:
             bad = ~np.isin(split, ("train", "test"))
             if np.any(bad):
                 i = int(np.flatnonzero(bad)[0])
-                raise InputError(f"{p}: 'split' must hold 'train' or 'test', got {split[i]!r} at index {i}")
+                raise InputError(f"{p}: 'split' must hold 'train' or 'test', got {str(split[i])!r} at index {i}")
             self.split = split
 
     # -- access --------------------------------------------------------------------------------
