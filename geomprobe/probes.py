@@ -105,7 +105,7 @@ def _check_rho(rho: Any, name: str = "rho", *, n: int | None = None, n_name: str
     bad = (r < 0.0) | (r > 1.0)
     if np.any(bad):
         i = int(np.flatnonzero(bad)[0])
-        raise InputError(f"{name} must lie in [0, 1], got {r[i]!r} at index {i}")
+        raise InputError(f"{name} must lie in [0, 1], got {float(r[i])!r} at index {i}")
     return r
 
 
@@ -403,7 +403,7 @@ def _split_mask(split: Any, n: int) -> np.ndarray:
     bad = ~np.isin(s, ("train", "test"))
     if np.any(bad):
         i = int(np.flatnonzero(bad)[0])
-        raise InputError(f"split must hold 'train' or 'test', got {s[i]!r} at index {i}")
+        raise InputError(f"split must hold 'train' or 'test', got {str(s[i])!r} at index {i}")
     return s == "train"
 
 
@@ -470,9 +470,10 @@ def _load_weights(obj: Any, name: str) -> dict[str, np.ndarray]:
         if not path.is_file():
             raise InputError(f"{name}: file {str(path)!r} does not exist")
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                if not hasattr(npz, "files"):
-                    raise InputError(f"{name}: {str(path)!r} is a single .npy array, expected an .npz of named tensors")
+            npz = np.load(path, allow_pickle=False)
+            if not hasattr(npz, "files"):
+                raise InputError(f"{name}: {str(path)!r} is a single .npy array, expected an .npz of named tensors")
+            with npz:
                 return {k: npz[k] for k in npz.files}
         except InputError:
             raise
@@ -549,6 +550,16 @@ def _log_norm_product(norms: Sequence[float], name: str) -> float:
     return total
 
 
+def _exp_product(log_total: float, norms: list[float], name: str) -> float:
+    try:
+        prod = math.exp(log_total)
+    except OverflowError:
+        prod = math.inf
+    if not np.isfinite(prod) or prod == 0.0:
+        raise InputError(f"the product of {name} over/underflows float64 (norms {norms})")
+    return prod
+
+
 def frobenius_norm_product(weights: Sequence[Any]) -> float:
     """prod_k ||W_k||_F over the given weight tensors (each flattened); computed through logs."""
     ws = list(weights.values()) if isinstance(weights, Mapping) else list(weights)
@@ -558,10 +569,7 @@ def frobenius_norm_product(weights: Sequence[Any]) -> float:
     for i, w in enumerate(ws):
         arr = _check_vector(w, f"weights[{i}]")
         norms.append(float(np.linalg.norm(arr.reshape(-1))))
-    prod = math.exp(_log_norm_product(norms, "norm of weights"))
-    if not np.isfinite(prod) or prod == 0.0:
-        raise InputError(f"the product of the weight norms over/underflows float64 (norms {norms})")
-    return prod
+    return _exp_product(_log_norm_product(norms, "norm of weights"), norms, "the weight norms")
 
 
 @dataclass(frozen=True)
@@ -602,9 +610,7 @@ def normalized_loss(logits: Any, labels: Any, *, norms: Any = None, weights: Any
         ns = _check_1d(norms, "norms")
         if ns.size == 0:
             raise InputError("norms must hold at least one per-layer norm, got none")
-        prod = math.exp(_log_norm_product(ns.tolist(), "norms"))
-        if not np.isfinite(prod) or prod == 0.0:
-            raise InputError(f"the product of norms over/underflows float64 (norms {ns.tolist()})")
+        prod = _exp_product(_log_norm_product(ns.tolist(), "norms"), ns.tolist(), "norms")
     per = _cross_entropy(Z / prod, y)
     return NormalizedLoss(loss=float(per.mean()), unnormalized_loss=float(_cross_entropy(Z, y).mean()),
                           norm_product=prod, per_example=per)
@@ -637,7 +643,7 @@ def normalized_loss_fit(train_losses: Any, test_losses: Any) -> LossFit:
     xm = x - x.mean()
     sxx = float(xm @ xm)
     if sxx == 0.0:
-        raise InputError(f"train_losses are all equal ({x[0]!r}): the slope is undefined")
+        raise InputError(f"train_losses are all equal ({float(x[0])!r}): the slope is undefined")
     slope = float(xm @ (yv - yv.mean())) / sxx
     intercept = float(yv.mean() - slope * x.mean())
     resid = yv - (slope * x + intercept)

@@ -1,6 +1,8 @@
 """numba kernels for geomprobe.probes: plain arrays in, plain arrays out; no validation, no raise.
 
-All accumulation is in float64 whatever the input dtype (float32 or float64). Rows whose norm (after
+All accumulation is in float64 whatever the input dtype (float32 or float64): every element read is
+cast with np.float64(...) so that this also holds with NUMBA_DISABLE_JIT=1 (numpy 2 keeps float32 in
+float32 - python float arithmetic). Rows whose norm (after
 optional centring) is zero are treated as having correlation 0 with everything; the kernels report
 them through flags so that the Python layer can say what happened.
 """
@@ -16,7 +18,7 @@ def _row_mean(x, centre):
         return 0.0
     s = 0.0
     for j in range(x.shape[0]):
-        s += x[j]
+        s += np.float64(x[j])
     return s / x.shape[0]
 
 
@@ -35,7 +37,7 @@ def class_direction_sums(X, codes, n_classes, centre):
         m = _row_mean(X[i], centre)
         ss = 0.0
         for j in range(d):
-            v = X[i, j] - m
+            v = np.float64(X[i, j]) - m
             ss += v * v
         if ss == 0.0:
             zero[i] = True
@@ -43,7 +45,7 @@ def class_direction_sums(X, codes, n_classes, centre):
         inv = 1.0 / np.sqrt(ss)
         c = codes[i]
         for j in range(d):
-            S[c, j] += (X[i, j] - m) * inv
+            S[c, j] += (np.float64(X[i, j]) - m) * inv
     return S, zero
 
 
@@ -65,7 +67,7 @@ def averaging_scores(T, S, centre):
         m = _row_mean(T[i], centre)
         ss = 0.0
         for j in range(d):
-            v = T[i, j] - m
+            v = np.float64(T[i, j]) - m
             buf[j] = v
             ss += v * v
         if ss == 0.0:
@@ -103,8 +105,8 @@ def rowwise_correlation(A, B, centre):
         sbb = 0.0
         sab = 0.0
         for j in range(d):
-            a = A[i, j] - ma
-            b = B[i, j] - mb
+            a = np.float64(A[i, j]) - ma
+            b = np.float64(B[i, j]) - mb
             saa += a * a
             sbb += b * b
             sab += a * b
