@@ -64,6 +64,7 @@ class TrainConfig:
     align_every: int = 0  # gradient statistics every k steps (0 = off)
     keep_every: int = 1  # keep epoch_NNNN.pt every k epochs (0: only init, last, best)
     eval_batch_size: int = 1024
+    repeat: int = 1  # passes over the training data per epoch (one-example runs: steps per epoch)
     deterministic: bool = True
     progress: str = "auto"  # auto (tqdm when stderr is a TTY) | on | off
 
@@ -72,7 +73,7 @@ class TrainConfig:
         check_choice(self.loss, "loss", LOSSES)
         check_choice(self.device, "device", ("auto", "cpu", "cuda"))
         check_choice(self.progress, "progress", ("auto", "on", "off"))
-        for k in ("epochs", "batch_size", "eval_batch_size"):
+        for k in ("epochs", "batch_size", "eval_batch_size", "repeat"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"{k} must be an integer >= 1, got {v!r}")
@@ -230,13 +231,17 @@ def train(
     on_step: Callable[[int, nn.Module], None] | None = None,
     on_epoch: Callable[[int, nn.Module, dict], None] | None = None,
     run_info: Mapping[str, Any] | None = None,
+    if_done: str = "raise",
 ) -> TrainResult:
     """Train ``model`` in place; see the module docstring. ``y`` are class indices (or targets for 'mse').
 
     ``eval_sets`` adds named sets evaluated every epoch (e.g. the permuted / restored examples);
     ``on_step(step, model)`` runs after every optimizer step, ``on_epoch(epoch, model, record)`` after
     every evaluated epoch (including epoch 0 = init). ``run_info`` is stored with the config.
+    ``if_done='return'`` returns the stored result of a finished run in ``out`` (same config) instead of
+    refusing; the model is loaded with its final weights.
     """
+    check_choice(if_done, "if_done", ("raise", "return"))
     device = resolve_device(cfg.device)
     regression = cfg.loss == "mse"
     xdtype = torch.float32
@@ -267,6 +272,7 @@ def train(
     else:
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = make_loss(cfg.loss)
+    per_ex_loss = _per_example_loss(cfg.loss)
     gs = _gradstats() if cfg.align_every else None
     config = {"train": asdict(cfg), "run": _jsonable(dict(run_info or {}))}
 
@@ -281,6 +287,10 @@ def train(
         out_path.mkdir(parents=True, exist_ok=True)
         if last.exists() and not force:
             ck = load_checkpoint(last)
+            if ck.get("done") and if_done == "return" and _comparable(ck.get("config", {})) == _comparable(config):
+                model.load_state_dict(ck["model"])
+                return TrainResult(list(ck["history"]), int(ck["best_epoch"]), int(ck["epoch"]), int(ck["step"]),
+                                   out_path, int(ck["epoch"]))
             if ck.get("done"):
                 raise InputError(f"{out_path}: holds a finished run (checkpoints/last.pt, done); pass force=True "
                                  "(CLI: --force) to train again")
@@ -356,7 +366,7 @@ def train(
                 if out_path:
                     save_checkpoint(last, _state(0))
             n = X.shape[0]
-            steps_per_epoch = math.ceil(n / cfg.batch_size)
+            steps_per_epoch = math.ceil(n * cfg.repeat / cfg.batch_size)
             milestones = sorted(int(m) for m in cfg.lr_milestones)
             for epoch in range(start_epoch, cfg.epochs + 1):
                 if _should_stop(cfg, history, step):
@@ -368,10 +378,10 @@ def train(
                 t0 = time.perf_counter()
                 model.train()
                 gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
-                order = torch.randperm(n, generator=gen).to(X.device)
+                order = torch.cat([torch.randperm(n, generator=gen) for _ in range(cfg.repeat)]).to(X.device)
                 bar = _progress(cfg, steps_per_epoch, f"epoch {epoch}/{cfg.epochs}")
                 run_loss, seen, aligns = 0.0, 0, []
-                for i in range(0, n, cfg.batch_size):
+                for i in range(0, order.numel(), cfg.batch_size):
                     if cfg.max_steps and step >= cfg.max_steps:
                         break
                     idx = order[i:i + cfg.batch_size]
@@ -379,8 +389,8 @@ def train(
                     yb = Y[idx].to(device, non_blocking=True)
                     if cfg.channels_last and xb.ndim == 4:
                         xb = xb.contiguous(memory_format=torch.channels_last)
-                    if gs is not None and step % cfg.align_every == 0:
-                        aligns.append(_align_record(gs, model, xb, yb, loss_fn, step, epoch))
+                    if gs is not None and not regression and step % cfg.align_every == 0:
+                        aligns.append(_align_record(gs, model, xb, yb, per_ex_loss, step, epoch))
                     with _autocast(device, cfg.amp):
                         z = model(xb)
                     loss = loss_fn(z.float(), yb)
@@ -429,12 +439,8 @@ def train(
 
 
 def _align_record(gs, model, xb, yb, loss_fn, step, epoch) -> dict:
-    was = model.training
-    model.eval()  # BatchNorm in train mode couples examples: statistics are taken in eval mode
-    try:
-        stats = gs.gradient_stats(model, xb, yb, loss_fn, labels=yb)
-    finally:
-        model.train(was)
+    # gradient_stats runs in eval mode (BatchNorm in train mode couples examples) and restores the mode
+    stats = gs.gradient_stats(model, xb.float(), yb, loss_fn, labels=yb)
     return _jsonable({"kind": "align", "epoch": epoch, "step": step, "stats": stats})
 
 

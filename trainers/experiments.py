@@ -1,0 +1,650 @@
+"""The four experiments of docs/trainers.md (spec: experiments.md E1-E4), each with presets.
+
+An experiment is a plain options dataclass plus a ``run(options, out, force)`` function. Presets:
+
+* ``tiny``  -- seconds on a CPU (CI): scikit-learn digits or small synthetic spheres, a few epochs;
+* ``small`` -- a real small-scale run (minutes on a 2-core CPU) on Fashion-MNIST / digits / spheres;
+* ``paper`` -- the paper's model, data and schedule (needs the datasets' files and a GPU).
+
+Every experiment writes into ``out``: ``experiment.json`` (name, preset, options, status), one folder
+per trained network with ``checkpoints/``, ``metrics.jsonl`` and ``train_summary.json``, and
+activation files (geomprobe's format, readable by ``geomprobe analyze``). A killed experiment resumes
+where it stopped when run again with the same options; a finished one is refused without ``force``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from geomprobe._validation import InputError
+from geomprobe.io import atomic_write_text
+
+from . import data as D
+from . import models as Mo
+from .capture import record_activations, sample_subsets
+from .checkpoint import checkpoint_path, epoch_checkpoints, load_checkpoint, rewind_table
+from .noise import LabelNoise, permute_labels
+from .train import TrainConfig, evaluate, resolve_device, train
+
+__all__ = ["Experiment", "EXPERIMENTS", "get_experiment", "options_for", "parse_value", "run_experiment"]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    summary: str
+    options: type
+    presets: dict
+    run: Callable[..., dict]
+
+
+# -- shared helpers ------------------------------------------------------------------------------
+@dataclass
+class _Common:
+    seed: int = 0
+    device: str = "auto"
+    data_root: str = ""
+    amp: bool = False
+    progress: str = "auto"
+
+
+def _load(name: str, root: str, *, n_train: int = 0, n_test: int = 0, seed: int = 0, classes: int = 0,
+          **kw: Any) -> D.Dataset:
+    ds = D.load_dataset(name, root or None, **kw)
+    if n_train or n_test or classes:
+        ds = D.subsample(ds, n_train or None, n_test or None, seed=seed, classes=classes or None)
+    return ds
+
+
+def _cfg(o: Any, **kw: Any) -> TrainConfig:
+    base = dict(seed=o.seed, device=o.device, amp=o.amp, progress=o.progress)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _write_acts(path: Path, model, x, labels, *, split=None, train_labels=None, permuted=None, extra=None,
+                meta=None, include_input=False, layers=None) -> str:
+    from geomprobe.io import save_activations
+
+    acts = record_activations(model, x, layers, include_input=include_input, batch_size=256)
+    save_activations(path, np.asarray(labels, np.int64), acts, split=split, train_labels=train_labels,
+                     permuted=permuted, extra=extra, meta=meta, force=True)
+    return str(path)
+
+
+def _load_epoch(model, out: Path, which) -> int:
+    ck = load_checkpoint(checkpoint_path(out, which))
+    model.load_state_dict(ck["model"])
+    return int(ck["epoch"])
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}".replace("+", "")
+
+
+# -- E1: extreme memorization (paper 000) ----------------------------------------------------------
+@dataclass
+class ExtremeMemorizationOptions(_Common):
+    dataset: str = "digits"
+    n_train: int = 0  # 0: all
+    n_test: int = 0
+    model: str = "mlp"  # mlp | mlp4 | convnet-h
+    phi: str = "sin"
+    hidden: int = 1024
+    sigmas: list = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
+    loss: str = "ce"  # ce | hinge | squared
+    shuffled_labels: bool = False  # also train every sigma on shuffled labels
+    lr: float = 0.01
+    batch_size: int = 256
+    epochs: int = 100
+    max_steps: int = 0
+    stop_train_acc: float = 1.0
+    align_every: int = 10
+    standardize: bool = True
+    capture_classes: int = 10
+    capture_per_class: int = 50
+
+
+def run_extreme_memorization(o: ExtremeMemorizationOptions, out: Path, force: bool) -> dict:
+    ds = _load(o.dataset, o.data_root, n_train=o.n_train, n_test=o.n_test, seed=o.seed)
+    xtr, xte = ds.x_train, ds.x_test
+    if o.standardize:
+        xtr, xte = D.standardize_per_image(xtr), D.standardize_per_image(xte)
+    variants = [("true", ds.y_train)]
+    if o.shuffled_labels:
+        variants.append(("shuffled", np.random.default_rng([o.seed, 1]).permutation(ds.y_train)))
+    runs = []
+    for sigma in o.sigmas:
+        for kind, ytr in variants:
+            name = f"sigma_{_fmt(sigma)}" + ("_shuffled" if kind == "shuffled" else "")
+            rdir = out / name
+            if o.model == "convnet-h":
+                model = Mo.build_model("convnet-h", ds.input_shape, ds.n_classes, hidden=o.hidden, seed=o.seed)
+                with torch.no_grad():  # the scale being varied: the first layer
+                    g = torch.Generator().manual_seed(o.seed)
+                    model.conv1.weight.normal_(0.0, float(sigma), generator=g)
+            else:
+                hidden = o.hidden if o.model == "mlp" else [o.hidden] * 3
+                model = Mo.build_model("mlp", ds.input_shape, ds.n_classes, hidden=hidden, phi=o.phi,
+                                       sigma=float(sigma), seed=o.seed)
+            cfg = _cfg(o, epochs=o.epochs, max_steps=o.max_steps, batch_size=o.batch_size, optimizer="sgd", lr=o.lr,
+                       loss=o.loss, stop_train_acc=o.stop_train_acc, align_every=o.align_every)
+            sample = sample_subsets(ds.y_train, ytr, np.zeros(len(ytr), bool), ds.y_test,
+                                    n_classes=o.capture_classes, n_per_class=o.capture_per_class, seed=o.seed)
+            xs = sample.gather(xtr, xte)
+            files = {}
+
+            def snap(epoch, m, rec, _rdir=rdir, _files=files, _sigma=sigma, _kind=kind, _xs=xs, _s=sample):
+                if epoch == 0:
+                    _files["init"] = _write_acts(_rdir / "acts_init.npz", m, _xs, _s.labels, split=_s.split,
+                                                 meta={"experiment": "extreme-memorization", "sigma": _sigma,
+                                                       "labels": _kind, "epoch": 0})
+
+            res = train(model, xtr, ytr, xte, ds.y_test, cfg=cfg, out=rdir, force=force, on_epoch=snap,
+                        run_info={"experiment": "extreme-memorization", "sigma": sigma, "labels": kind,
+                                  "model": o.model, "phi": o.phi, "dataset": o.dataset}, if_done="return")
+            for which in ("best", "last"):
+                ep = _load_epoch(model, rdir, which)
+                tag = "best" if which == "best" else "final"
+                files[tag] = _write_acts(rdir / f"acts_{tag}.npz", model, xs, sample.labels, split=sample.split,
+                                         meta={"experiment": "extreme-memorization", "sigma": sigma, "labels": kind,
+                                               "epoch": ep, "which": tag})
+            fin = res.final
+            best = res.history[res.best_epoch]
+            runs.append({"run": name, "sigma": sigma, "labels": kind, "final_train_acc": fin.get("train_acc"),
+                         "final_test_acc": fin.get("test_acc"), "best_test_acc": best.get("test_acc"),
+                         "best_epoch": res.best_epoch, "epochs": res.final_epoch, "steps": res.steps,
+                         "activation_files": {k: str(Path(v).relative_to(out)) for k, v in files.items()}})
+    return {"runs": runs}
+
+
+# -- E2: memorization geometry under label noise (paper 003) --------------------------------------
+@dataclass
+class LabelNoiseGeometryOptions(_Common):
+    dataset: str = "spheres"
+    n_train: int = 0
+    n_test: int = 0
+    # synthetic spheres (appendix A.5)
+    n_classes: int = 100
+    n_train_per_class: int = 50
+    n_test_per_class: int = 50
+    radius: float = 5.0
+    intrinsic_dim: int = 30
+    ambient_dim: int = 1024
+    model: str = "feedforward"  # feedforward | alexnet | vgg16 | resnet18
+    width: int = 1024  # feedforward width
+    depth: int = 5  # feedforward hidden layers
+    width_factor: float = 1.0  # channel multiplier of alexnet / vgg16 / resnet18
+    eps: float = 0.5
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    batch_size: int = 1024
+    epochs: int = 1000
+    stop_train_acc: float = 0.0
+    keep_every: int = 1
+    capture_classes: int = 100
+    capture_per_class: int = 50
+    capture_epochs: list = field(default_factory=list)  # extra epochs with activation files
+    rewind: bool = True
+    rewind_epochs: list = field(default_factory=list)  # default: every kept checkpoint
+    split_every: int = 1  # gradient split on a fixed batch every k epochs (0: off)
+    split_batch: int = 1024
+
+
+def _e2_data(o: LabelNoiseGeometryOptions) -> D.Dataset:
+    if o.dataset == "spheres":
+        return D.make_spheres(o.n_classes, o.n_train_per_class, o.n_test_per_class, radius=o.radius,
+                              intrinsic_dim=o.intrinsic_dim, ambient_dim=o.ambient_dim, seed=o.seed)
+    ds = _load(o.dataset, o.data_root, n_train=o.n_train, n_test=o.n_test, seed=o.seed)
+    if ds.x_train.ndim == 4:
+        mean = ds.x_train.mean(axis=(0, 2, 3))
+        std = ds.x_train.std(axis=(0, 2, 3)) + 1e-8
+        ds = dataclasses.replace(ds, x_train=D.normalize_channels(ds.x_train, mean, std),
+                                 x_test=D.normalize_channels(ds.x_test, mean, std))
+    return ds
+
+
+def run_label_noise_geometry(o: LabelNoiseGeometryOptions, out: Path, force: bool) -> dict:
+    ds = _e2_data(o)
+    noise_path = out / "label_noise.npz"
+    noise = permute_labels(ds.y_train, o.eps, o.seed)
+    if noise_path.exists() and not force:
+        stored = LabelNoise.load(noise_path)
+        if not np.array_equal(stored.train_labels, noise.train_labels):
+            raise InputError(f"{noise_path}: stored label noise differs from this run's; pass --force")
+    noise.save(noise_path)
+    perm = noise.permuted
+    if o.model == "feedforward":
+        model = Mo.build_model("feedforward", ds.input_shape, ds.n_classes, width=o.width, depth=o.depth, seed=o.seed)
+    else:
+        model = Mo.build_model(o.model, ds.input_shape, ds.n_classes, width=o.width_factor, seed=o.seed)
+    sample = sample_subsets(noise.true_labels, noise.train_labels, perm, ds.y_test, n_classes=o.capture_classes,
+                            n_per_class=o.capture_per_class, seed=o.seed)
+    xs = sample.gather(ds.x_train, ds.x_test)
+    meta = {"experiment": "label-noise-geometry", "eps": o.eps, "model": o.model, "dataset": o.dataset}
+    files: dict[str, str] = {}
+
+    def write(tag: str, m, epoch: int) -> None:
+        files[tag] = _write_acts(out / f"acts_{tag}.npz", m, xs, sample.labels, split=sample.split,
+                                 train_labels=sample.train_labels, permuted=sample.permuted, include_input=True,
+                                 meta=dict(meta, epoch=epoch, which=tag))
+
+    eval_sets = {"unpermuted": (ds.x_train[~perm], noise.true_labels[~perm]),
+                 "permuted": (ds.x_train[perm], noise.train_labels[perm]),
+                 "restored": (ds.x_train[perm], noise.true_labels[perm])}
+    rng = np.random.default_rng([o.seed, 2])
+    split_rows = np.sort(rng.choice(len(perm), size=min(o.split_batch, len(perm)), replace=False))
+    split_log = out / "gradient_split.jsonl"
+    from . import train as T
+
+    def on_epoch(epoch, m, rec):
+        if epoch == 0 or epoch in set(int(e) for e in o.capture_epochs):
+            write("init" if epoch == 0 else f"epoch{epoch:04d}", m, epoch)
+        if o.split_every and epoch % o.split_every == 0:
+            from .gradstats import gradient_split_norms
+
+            dev = next(m.parameters()).device
+            xb = torch.as_tensor(ds.x_train[split_rows]).to(dev)
+            yb = torch.as_tensor(noise.train_labels[split_rows]).to(dev)
+            norms = gradient_split_norms(m, xb, yb, {"unpermuted": ~perm[split_rows], "permuted": perm[split_rows]})
+            T._append(split_log, T._jsonable({"epoch": epoch, "split": norms}))
+
+    if split_log.exists():  # fresh run: start the log again; resumed run: keep it up to the checkpoint
+        last = checkpoint_path(out / "train", "last")
+        T._truncate_log(split_log, -1 if force or not last.exists() else int(load_checkpoint(last)["epoch"]))
+    cfg = _cfg(o, epochs=o.epochs, batch_size=o.batch_size, optimizer=o.optimizer, lr=o.lr,
+               stop_train_acc=o.stop_train_acc, keep_every=o.keep_every)
+    res = train(model, ds.x_train, noise.train_labels, ds.x_test, ds.y_test, cfg=cfg, out=out / "train", force=force,
+                eval_sets=eval_sets, on_epoch=on_epoch, run_info=dict(meta, options=dataclasses.asdict(o)),
+                if_done="return")
+    rdir = out / "train"
+    for tag, which in (("best", "best"), ("final", "last")):
+        ep = _load_epoch(model, rdir, which)
+        write(tag, model, ep)
+    summary: dict[str, Any] = {"best_epoch": res.best_epoch, "final_epoch": res.final_epoch,
+                               "n_permuted": noise.n_permuted, "n_changed": noise.n_changed,
+                               "activation_files": files, "final": res.final,
+                               "best": res.history[res.best_epoch]}
+    if o.rewind:
+        final_state = load_checkpoint(checkpoint_path(rdir, "last"))["model"]
+        cks = epoch_checkpoints(rdir)
+        if o.rewind_epochs:
+            cks = {e: p for e, p in cks.items() if e in set(int(x) for x in o.rewind_epochs)}
+        device = resolve_device(o.device)
+        model.to(device)
+        tx, ty = torch.as_tensor(ds.x_train), torch.as_tensor(noise.train_labels)
+        ex, ey = torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test)
+
+        def ev(m):
+            r = {"train_acc": evaluate(m, tx, ty, "ce", device=device)["acc"]}
+            if len(ex):
+                r["test_acc"] = evaluate(m, ex, ey, "ce", device=device)["acc"]
+            return r
+
+        rows = rewind_table(model, final_state, cks, ev)
+        atomic_write_text(out / "rewind.json", json.dumps(rows, indent=1))
+        summary["rewind_rows"] = len(rows)
+    return summary
+
+
+# -- E3: identity crisis (paper 002) -------------------------------------------------------------
+@dataclass
+class IdentityCrisisOptions(_Common):
+    dataset: str = "digits"
+    train_index: int = 0  # which training image is the single example
+    fcn_activations: list = field(default_factory=lambda: ["linear", "relu"])
+    fcn_hidden: list = field(default_factory=lambda: [1, 3, 5, 9])
+    fcn_widths: list = field(default_factory=lambda: [784])
+    one_layer: bool = True  # also the one-layer linear net (closed form of eq. 1)
+    conv_depths: list = field(default_factory=lambda: [1, 2, 3, 5, 8, 14, 20])
+    conv_channels: int = 128
+    trainable: str = "all"  # all | top | bottom
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    steps: int = 2000
+    stop_train_loss: float = 1e-6
+    rho: list = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 0.9, 1.0])
+    n_per_rho: int = 10
+    collapse_per_class: int = 20
+
+
+def _ic_models(o: IdentityCrisisOptions, shape) -> list[tuple[str, str, dict]]:
+    specs = []
+    if o.one_layer:
+        specs.append(("fcn-linear-h0", "fcn", {"n_hidden": 0, "activation": "linear"}))
+    for act in o.fcn_activations:
+        for h in o.fcn_hidden:
+            for w in o.fcn_widths:
+                specs.append((f"fcn-{act}-h{h}-w{w}", "fcn", {"n_hidden": int(h), "width": int(w), "activation": act}))
+    for d in o.conv_depths:
+        specs.append((f"conv-d{d}-c{o.conv_channels}", "deep-convnet", {"depth": int(d), "channels": o.conv_channels}))
+    return specs
+
+
+def run_identity_crisis(o: IdentityCrisisOptions, out: Path, force: bool) -> dict:
+    from geomprobe import probes
+
+    ds = _load(o.dataset, o.data_root, seed=o.seed)
+    if not 0 <= o.train_index < len(ds.y_train):
+        raise InputError(f"train_index must lie in 0..{len(ds.y_train) - 1}, got {o.train_index}")
+    x_hat = ds.x_train[o.train_index:o.train_index + 1]
+    pin = probes.make_probe_inputs(x_hat[0], o.rho, o.n_per_rho, seed=o.seed)
+    probe_x = pin.inputs.astype(np.float32)
+    sample = sample_subsets(ds.y_train, ds.y_train, np.zeros(len(ds.y_train), bool), ds.y_test,
+                            n_classes=ds.n_classes, n_per_class=o.collapse_per_class, seed=o.seed)
+    coll_x = sample.gather(ds.x_train, ds.x_test)
+    runs = []
+    for name, kind, kw in _ic_models(o, ds.input_shape):
+        rdir = out / name
+        model = Mo.build_model(kind, ds.input_shape, seed=o.seed, **kw)
+        Mo.set_trainable(model, o.trainable)
+        w0 = {k: v.clone() for k, v in model.state_dict().items()}
+        per_epoch = min(o.steps, 50)
+        cfg = _cfg(o, epochs=max(1, math.ceil(o.steps / per_epoch)), repeat=per_epoch, max_steps=o.steps, batch_size=1,
+                   optimizer=o.optimizer, lr=o.lr, momentum=o.momentum, loss="mse",
+                   stop_train_loss=o.stop_train_loss, keep_every=0)
+        res = train(model, x_hat, x_hat, cfg=cfg, out=rdir, force=force, if_done="return",
+                    run_info={"experiment": "identity-crisis", "model": name, "trainable": o.trainable})
+        with torch.no_grad():
+            model.eval()
+            pred = model(torch.as_tensor(probe_x)).numpy()
+        entry = {"run": name, "steps": res.steps, "final_train_loss": res.final.get("train_loss"),
+                 "weight_distance": res.final.get("weight_distance")}
+        if name == "fcn-linear-h0":
+            W0 = w0["out.weight"].double().numpy()
+            b0 = w0["out.bias"].double().numpy()
+            Wt = model.out.weight.detach().double().numpy()
+            # eq. 1 with a bias: augment x with a constant 1 (the bias is a weight column)
+            Wa0 = np.concatenate([W0, b0[:, None]], 1)
+            xa = np.concatenate([x_hat.reshape(-1).astype(np.float64), [1.0]])
+            closed = probes.one_layer_linear_solution(Wa0, xa, x_hat.reshape(-1).astype(np.float64))
+            entry["eq1_max_abs_diff"] = float(np.max(np.abs(closed[:, :-1] - Wt)))
+        acts_file = out / f"acts_{name}.npz"
+        _write_acts(acts_file, model, coll_x, sample.labels, split=sample.split,
+                    extra={"probe/x_hat": x_hat[0], "probe/inputs": probe_x, "probe/rho": pin.rho,
+                           f"probe/pred/{name}": pred, "probe/collapse_inputs": coll_x},
+                    meta={"experiment": "identity-crisis", "model": name, "steps": res.steps})
+        entry["activation_file"] = acts_file.name
+        runs.append(entry)
+    return {"runs": runs}
+
+
+# -- E4: normalised loss (paper 004) -------------------------------------------------------------
+@dataclass
+class NormalizedLossOptions(_Common):
+    dataset: str = "cifar10"
+    n_train: int = 0
+    n_test: int = 0
+    channels: int = 64
+    init_stds: list = field(default_factory=lambda: [1e-4, 2e-4, 3e-4, 4e-4, 5e-4, 6e-4, 7e-4, 8e-4, 9e-4, 1e-3,
+                                                     0.0016, 0.0032, 0.0064, 0.0128, 0.0256, 0.0512, 0.06, 0.07,
+                                                     0.08, 0.09, 0.1, 0.1024, 0.11, 0.12, 0.14])
+    random_label_std: float = 0.1  # one net on random labels (negative: none)
+    lr: float = 0.01
+    lr_milestones: list = field(default_factory=lambda: [100])
+    batch_size: int = 128
+    epochs: int = 200
+    stop_train_acc: float = 1.0
+    normalize_mean: list = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
+    normalize_std: list = field(default_factory=lambda: [0.2023, 0.1994, 0.2010])
+    capture_classes: int = 10
+    capture_per_class: int = 50
+
+
+def _normalized(model, x, y, device) -> dict:
+    from .gradstats import normalized_loss
+
+    tot: dict[str, float] = {}
+    n = len(y)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    res = None
+    for i in range(0, n, 1024):
+        res = normalized_loss(model, xt[i:i + 1024].to(device), yt[i:i + 1024].to(device))
+        k = len(yt[i:i + 1024])
+        for key in ("loss", "normalized_loss", "accuracy"):
+            tot[key] = tot.get(key, 0.0) + float(res[key]) * k / n
+    tot["norm_product"] = float(res["norm_product"])
+    tot["log_norm_product"] = float(res["log_norm_product"])
+    return tot
+
+
+def run_normalized_loss(o: NormalizedLossOptions, out: Path, force: bool) -> dict:
+    ds = _load(o.dataset, o.data_root, n_train=o.n_train, n_test=o.n_test, seed=o.seed)
+    xtr, xte = ds.x_train, ds.x_test
+    c = xtr.shape[1]
+    if len(o.normalize_mean) == c:
+        xtr = D.normalize_channels(xtr, o.normalize_mean, o.normalize_std)
+        xte = D.normalize_channels(xte, o.normalize_mean, o.normalize_std)
+    else:  # another dataset: its own per-channel statistics
+        mean, std = xtr.mean(axis=(0, 2, 3)), xtr.std(axis=(0, 2, 3)) + 1e-8
+        xtr, xte = D.normalize_channels(xtr, mean, std), D.normalize_channels(xte, mean, std)
+    nets = [(f"std_{_fmt(s)}", float(s), False) for s in o.init_stds]
+    if o.random_label_std >= 0:
+        nets.append((f"random_labels_std_{_fmt(o.random_label_std)}", float(o.random_label_std), True))
+    rand_y = np.random.default_rng([o.seed, 3]).integers(0, ds.n_classes, len(ds.y_train))
+    rand_yte = np.random.default_rng([o.seed, 4]).integers(0, ds.n_classes, len(ds.y_test))
+    device = resolve_device(o.device)
+    rows = []
+    for name, std, random_labels in nets:
+        ytr = rand_y if random_labels else ds.y_train
+        yte = rand_yte if random_labels else ds.y_test
+        model = Mo.build_model("convnet3", ds.input_shape, ds.n_classes, channels=o.channels, init_std=std, seed=o.seed)
+        cfg = _cfg(o, epochs=o.epochs, batch_size=o.batch_size, optimizer="sgd", lr=o.lr,
+                   lr_milestones=list(o.lr_milestones), stop_train_acc=o.stop_train_acc, keep_every=0)
+        rdir = out / name
+        res = train(model, xtr, ytr, xte, yte, cfg=cfg, out=rdir, force=force, if_done="return",
+                    run_info={"experiment": "normalized-loss", "init_std": std, "random_labels": random_labels})
+        _load_epoch(model, rdir, "last")
+        model.to(device)
+        tr, te = _normalized(model, xtr, ytr, device), _normalized(model, xte, yte, device)
+        row = {"net": name, "init_std": std, "random_labels": random_labels, "epochs": res.final_epoch,
+               "train_loss": tr["loss"], "test_loss": te["loss"], "train_normalized_loss": tr["normalized_loss"],
+               "test_normalized_loss": te["normalized_loss"], "train_acc": tr["accuracy"],
+               "test_acc": te["accuracy"], "norm_product": tr["norm_product"],
+               "log_norm_product": tr["log_norm_product"]}
+        sample = sample_subsets(ytr, ytr, np.zeros(len(ytr), bool), yte, n_classes=o.capture_classes,
+                                n_per_class=o.capture_per_class, seed=o.seed)
+        model.cpu()
+        _write_acts(out / f"acts_{name}.npz", model, sample.gather(xtr, xte), sample.labels, split=sample.split,
+                    meta={"experiment": "normalized-loss", "net": name, **{k: v for k, v in row.items() if k != "net"}})
+        rows.append(row)
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    atomic_write_text(out / "normalized_loss.jsonl", lines)
+    return {"nets": rows}
+
+
+# -- registry and presets ------------------------------------------------------------------------
+EXPERIMENTS: dict[str, Experiment] = {
+    "extreme-memorization": Experiment(
+        "extreme-memorization",
+        "E1, paper 000: MLP (sin/relu/...) with W1 ~ N(0, sigma^2) swept; train to 100% train accuracy; "
+        "gradient and representation alignment vs test accuracy",
+        ExtremeMemorizationOptions,
+        {
+            "tiny": dict(dataset="digits", n_train=300, n_test=200, hidden=64, sigmas=[0.01, 10.0], epochs=3,
+                         batch_size=64, lr=0.05, align_every=5, capture_per_class=10),
+            "small": dict(dataset="fashion-mnist", n_train=5000, n_test=2000, hidden=1024,
+                          sigmas=[0.001, 0.01, 0.1, 1.0, 10.0], epochs=40, align_every=20, capture_per_class=50),
+            "paper": dict(dataset="cifar10", hidden=1024, sigmas=[0.001, 0.01, 0.1, 1.0, 10.0], epochs=2000,
+                          align_every=1, capture_per_class=50),
+        },
+        run_extreme_memorization,
+    ),
+    "label-noise-geometry": Experiment(
+        "label-noise-geometry",
+        "E2, paper 003: a fraction eps of labels permuted; activations of unpermuted / permuted / restored / "
+        "test manifolds at init, best and final epoch; layer rewinding; gradient split",
+        LabelNoiseGeometryOptions,
+        {
+            "tiny": dict(dataset="spheres", n_classes=6, n_train_per_class=20, n_test_per_class=10, ambient_dim=32,
+                         intrinsic_dim=4, radius=5.0, width=32, depth=3, epochs=3, batch_size=32, lr=1e-3,
+                         capture_classes=6, capture_per_class=5, split_batch=64),
+            "small": dict(dataset="spheres", n_classes=20, n_train_per_class=100, n_test_per_class=50,
+                          ambient_dim=256, intrinsic_dim=30, radius=5.0, width=512, depth=5, epochs=60,
+                          batch_size=256, lr=1e-3, keep_every=5, capture_classes=20, capture_per_class=50),
+            "paper": dict(dataset="cifar100", model="vgg16", epochs=1000, keep_every=50, capture_classes=100,
+                          capture_per_class=50, split_every=10),
+        },
+        run_label_noise_geometry,
+    ),
+    "identity-crisis": Experiment(
+        "identity-crisis",
+        "E3, paper 002: FCNs and ConvNets trained on one image to output their input; identity vs constant "
+        "correlation over depth x rho; layer-wise collapse; weight distance",
+        IdentityCrisisOptions,
+        {
+            "tiny": dict(dataset="digits", fcn_hidden=[1, 3], fcn_widths=[128], conv_depths=[1, 3], conv_channels=8,
+                         steps=30, lr=0.01, rho=[0.0, 0.5, 1.0], n_per_rho=3, collapse_per_class=5),
+            "small": dict(dataset="fashion-mnist", fcn_hidden=[1, 3, 5, 9], fcn_widths=[784], conv_depths=[1, 3, 5, 8],
+                          conv_channels=32, steps=300, lr=0.01, collapse_per_class=20),
+            "paper": dict(dataset="mnist", fcn_hidden=[1, 3, 5, 9], fcn_widths=[784, 2048],
+                          conv_depths=[1, 2, 3, 5, 8, 14, 20], conv_channels=128, steps=5000),
+        },
+        run_identity_crisis,
+    ),
+    "normalized-loss": Experiment(
+        "normalized-loss",
+        "E4, paper 004: 3-layer bias-free ConvNets from many init scales (and one on random labels); "
+        "normalised train vs test cross-entropy",
+        NormalizedLossOptions,
+        {
+            "tiny": dict(dataset="digits", n_train=200, n_test=100, channels=8, init_stds=[0.01, 0.1],
+                         random_label_std=0.1, epochs=3, batch_size=32, lr=0.05, lr_milestones=[],
+                         capture_per_class=5),
+            "small": dict(dataset="fashion-mnist", n_train=3000, n_test=1000, channels=32,
+                          init_stds=[0.01, 0.03, 0.05, 0.07, 0.1, 0.14], random_label_std=0.1, epochs=60,
+                          lr=0.01, lr_milestones=[40]),
+            "paper": dict(dataset="cifar10", epochs=200, lr_milestones=[100]),
+        },
+        run_normalized_loss,
+    ),
+}
+
+
+def get_experiment(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        raise InputError(f"unknown experiment {name!r}; experiments: {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[name]
+
+
+def parse_value(text: str, default: Any, key: str) -> Any:
+    """Parse a --set value by the type of the option's default (bool, int, float, str, list)."""
+    try:
+        if isinstance(default, bool):
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, list):
+            t = text.strip()
+            if t.startswith("["):
+                val = json.loads(t)
+                if not isinstance(val, list):
+                    raise ValueError(text)
+                return val
+            items = [s.strip() for s in t.split(",") if s.strip()]
+            kind = type(default[0]) if default else None
+            out = []
+            for s in items:
+                if kind is str:
+                    out.append(s)
+                else:
+                    try:
+                        out.append(int(s))
+                    except ValueError:
+                        out.append(float(s))
+            return out
+        return text
+    except (ValueError, json.JSONDecodeError):
+        kind = type(default).__name__
+        raise InputError(f"option {key}: cannot parse {text!r} as {kind}") from None
+
+
+def options_for(name: str, preset: str = "tiny", config: dict | None = None, sets: list[str] | None = None,
+                **overrides: Any) -> Any:
+    """Build an experiment's options: defaults < preset < config dict < --set key=value < overrides."""
+    exp = get_experiment(name)
+    if preset not in exp.presets:
+        raise InputError(f"preset must be one of {', '.join(exp.presets)}; got {preset!r}")
+    values = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+              for f in fields(exp.options)}
+    known = set(values)
+
+    def apply(src: dict, where: str):
+        for k, v in src.items():
+            k2 = k.replace("-", "_")
+            if k2 not in known:
+                raise InputError(f"{where}: unknown option {k!r} for {name}; options: {', '.join(sorted(known))}")
+            values[k2] = v
+
+    apply(exp.presets[preset], f"preset {preset}")
+    apply(config or {}, "config")
+    for item in sets or []:
+        if "=" not in item:
+            raise InputError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        k2 = k.strip().replace("-", "_")
+        if k2 not in known:
+            raise InputError(f"--set: unknown option {k!r} for {name}; options: {', '.join(sorted(known))}")
+        values[k2] = parse_value(v, values[k2], k2)
+    apply({k: v for k, v in overrides.items() if v is not None}, "arguments")
+    for k, v in values.items():  # light type check of config-file values
+        d = next(f for f in fields(exp.options) if f.name == k)
+        default = d.default if d.default is not dataclasses.MISSING else d.default_factory()
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise InputError(f"option {k} must be true/false, got {v!r}")
+        if isinstance(default, float) and not isinstance(v, bool) and isinstance(v, int):
+            values[k] = float(v)
+        elif isinstance(default, (int, float)) and not isinstance(default, bool) and \
+                (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise InputError(f"option {k} must be a number, got {v!r}")
+        if isinstance(default, list) and not isinstance(v, list):
+            raise InputError(f"option {k} must be a list, got {v!r}")
+    return exp.options(**values)
+
+
+def run_experiment(name: str, options: Any, out: str | Path, *, force: bool = False, preset: str = "") -> dict:
+    """Run an experiment into ``out`` (resuming an unfinished run with the same options)."""
+    exp = get_experiment(name)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "experiment.json"
+    opts = dataclasses.asdict(options)
+    comparable = {k: v for k, v in opts.items() if k not in ("device", "progress")}
+    if state_path.exists() and not force:
+        try:
+            prev = json.loads(state_path.read_text())
+        except json.JSONDecodeError:
+            prev = {}
+        prev_cmp = {k: v for k, v in prev.get("options", {}).items() if k not in ("device", "progress")}
+        if prev.get("experiment") != name or prev_cmp != comparable:
+            raise InputError(f"{out}: holds a different run ({prev.get('experiment')!r} with other options); "
+                             "pass --force to overwrite or use another --out")
+        if prev.get("status") == "done":
+            raise InputError(f"{out}: holds a finished {name!r} run; pass --force to run it again")
+    state = {"experiment": name, "preset": preset, "options": opts, "status": "running"}
+    atomic_write_text(state_path, json.dumps(state, indent=1))
+    result = exp.run(options, out, force)
+    state.update(status="done", result=result)
+    atomic_write_text(state_path, json.dumps(_clean(state), indent=1))
+    return result
+
+
+def _clean(obj):
+    from .train import _jsonable
+
+    return _jsonable(obj)
