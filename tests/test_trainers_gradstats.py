@@ -213,7 +213,10 @@ def test_zero_gradients(gen):
     assert_same(fast, gradient_stats_oracle(model, x, y))
     # class 0 examples 1, 2 only: every gradient zero -> mean norm 0 -> divide by 1 -> Omega 0
     res = gradient_stats(model, x[[1, 2, 3, 4]], torch.tensor([0, 0, 1, 1]))["0.weight"]
-    assert res["per_class"]["0"]["omega"] == 0.0 and res["per_class"]["0"]["stiffness"] == 0.0
+    assert res["per_class"]["0"]["omega"] == 0.0
+    # zero gradients have no direction: left out of the cosine mean, counted in n_zero
+    assert res["per_class"]["0"]["stiffness"] is None and res["per_class"]["0"]["n_zero"] == 2
+    assert fast["0.weight"]["n_zero"] == 3 and fast["2.weight"]["n_zero"] == 3
     assert res["per_class"]["0"]["diversity"] is None  # 0 / 0
 
 
@@ -228,6 +231,27 @@ def test_merged_sums_equal_one_shot_over_union(gen):
     assert_same(parts[0].merge(parts[2]).merge(parts[1]).stats(), ref)
     # one-shot sums agree with gradient_stats
     assert_same(gradient_sums(model, x, y).stats(), gradient_stats(model, x, y))
+
+
+def test_to_accumulator_matches_core_alignment(gen):
+    # cross-check with the torch-free core implementation of the same sums
+    model, x, y = make("mlp_nobias", gen)
+    x[2] = 0  # a zero input: zero first-layer gradient (n_zero = 1 there)
+    sums = gradient_sums(model, x[:7], y[:7]) + gradient_sums(model, x[7:], y[7:])
+    ref = gradient_stats_oracle(model, x, y)
+    for name, ts in sums.tensors.items():
+        st = ts.to_accumulator().compute()
+        r = ref[name]
+        assert st.omega == pytest.approx(r["omega"], rel=1e-9)
+        assert st.cosine_stiffness == pytest.approx(r["stiffness"], rel=1e-9)
+        assert st.diversity == pytest.approx(r["diversity"], rel=1e-9)
+        assert st.omega_in_class == pytest.approx(r["omega_in_class"], rel=1e-9)
+        assert st.cosine_in_class == pytest.approx(r["stiffness_in_class"], rel=1e-9)
+        assert st.n_zero == r["n_zero"] == (1 if name == "0.weight" else 0)
+        assert [int(c) for c in st.classes] == [int(c) for c in r["per_class"]]
+    with pytest.raises(InputError, match="to_accumulator needs sums made with gradient_sums"):
+        from geomprobe.trainers.gradstats import _run
+        _run(model, x, y, None, None, None, True, True, True, None, "auto", 2 ** 20, False)["logits"].to_accumulator()
 
 
 def test_merge_refuses_different_tensors(gen):

@@ -295,6 +295,27 @@ class TensorSums:
         return TensorSums(classes, out["n"], out["n_nonzero"], out["sum_norm"], out["sum_sq"],
                           tuple(self.shape), sum_g=sg, sum_unit=su)
 
+    def to_accumulator(self):
+        """The same sums as a torch-free ``geomprobe.alignment.AlignmentAccumulator`` (numpy float64).
+
+        Its ``compute()`` adds what the scalars here do not give, e.g. the between-class cosine
+        stiffness matrix. Needs sums made by :func:`gradient_sums` (vectors kept).
+        """
+        if not self.mergeable:
+            raise InputError("to_accumulator needs sums made with gradient_sums(...) (vectors kept)")
+        from geomprobe.alignment import AlignmentAccumulator
+
+        acc = AlignmentAccumulator()
+        classes = np.asarray(self.classes, np.int64)
+        idx = acc._ensure(classes, int(self.sum_g.shape[1]))
+        acc.counts[idx] = np.rint(self.n).astype(np.int64)
+        acc.nonzero[idx] = np.rint(self.n_nonzero).astype(np.int64)
+        acc.norm_sum[idx] = self.sum_norm
+        acc.sq_sum[idx] = self.sum_sq
+        acc.S[idx] = self.sum_g.cpu().numpy()
+        acc.U[idx] = self.sum_unit.cpu().numpy()
+        return acc
+
     def scalars(self):
         """(sq_g, sq_unit, total_sq_g, total_sq_unit) from whichever form is stored."""
         if not self.mergeable:
@@ -378,11 +399,16 @@ def _omega(n, sq_sum, sum_sq, sum_norm):
     return float(pair_mean / (denom if denom > 0 else 1.0))
 
 
-def _stiffness(n, n_nonzero, sq_unit):
-    """Mean pairwise cosine (||sum u||^2 - #nonzero) / (n (n-1)); cos with a zero gradient counts 0."""
-    if n < 2:
+def _stiffness(n_nonzero, sq_unit):
+    """Mean pairwise cosine over the m non-zero gradients: (||sum u||^2 - m) / (m (m-1)).
+
+    A zero gradient has no direction: it is left out of the cosine mean (as in
+    geomprobe.alignment) and counted in ``n_zero``; m < 2 -> None.
+    """
+    m = int(round(n_nonzero))
+    if m < 2:
         return None
-    return float((sq_unit - n_nonzero) / (n * (n - 1)))
+    return float((sq_unit - m) / (m * (m - 1)))
 
 
 def _diversity(sum_sq, sq_sum):
@@ -416,7 +442,8 @@ def _summarise(classes, n, n_nonzero, sum_norm, sum_sq, sq_g, sq_u, tot_g, tot_u
         per.append({
             "n": nk,
             "omega": _omega(nk, sq_g[k], sum_sq[k], sum_norm[k]),
-            "stiffness": _stiffness(nk, n_nonzero[k], sq_u[k]),
+            "stiffness": _stiffness(n_nonzero[k], sq_u[k]),
+            "n_zero": nk - int(round(n_nonzero[k])),
             "diversity": _diversity(sum_sq[k], sq_g[k]),
             "mean_norm": float(sum_norm[k] / nk),
         })
@@ -425,7 +452,8 @@ def _summarise(classes, n, n_nonzero, sum_norm, sum_sq, sq_g, sq_u, tot_g, tot_u
         "n": N,
         "mean_norm": float(sum_norm.sum() / N),
         "omega": _omega(N, tot_g, sum_sq.sum(), sum_norm.sum()),
-        "stiffness": _stiffness(N, n_nonzero.sum(), tot_u),
+        "stiffness": _stiffness(n_nonzero.sum(), tot_u),
+        "n_zero": N - int(round(n_nonzero.sum())),
         "diversity": _diversity(sum_sq.sum(), tot_g),
     }
     return _entry(classes, [p["n"] for p in per], per, overall, shape)
@@ -573,23 +601,24 @@ def _oracle_entry(V: torch.Tensor, codes: torch.Tensor, classes: list[int], shap
         m = len(idx)
         Gs, Cs, ns = G[idx][:, idx], C[idx][:, idx], norms[idx]
         total = V[idx].sum(0)
-        res = {"n": m, "mean_norm": float(ns.mean())}
+        res = {"n": m, "mean_norm": float(ns.mean()), "n_zero": int((ns == 0).sum())}
+        off = ~torch.eye(m, dtype=torch.bool, device=V.device)
         if m < 2:
-            res.update(omega=None, stiffness=None)
+            res["omega"] = None
         else:
-            off = ~torch.eye(m, dtype=torch.bool, device=V.device)
             mean_norm = float(ns.mean())
             denom = mean_norm ** 2 if mean_norm > 0 else 1.0
             res["omega"] = float(Gs[off].mean()) / denom
-            res["stiffness"] = float(Cs[off].mean())
+        both = off & (ns > 0)[:, None] & (ns > 0)[None, :]  # pairs of non-zero gradients
+        res["stiffness"] = float(Cs[both].mean()) if int(both.sum()) else None
         tot = float(total.pow(2).sum())
         res["diversity"] = float(ns.pow(2).sum()) / tot if tot > 0 else None
         return res
 
     per = [stats((codes == k).nonzero().squeeze(1)) for k in range(len(classes))]
     allst = stats(torch.arange(V.shape[0], device=V.device))
-    overall = {k: allst[k] for k in ("n", "mean_norm", "omega", "stiffness", "diversity")}
-    per = [{k: p[k] for k in ("n", "omega", "stiffness", "diversity", "mean_norm")} for p in per]
+    overall = {k: allst[k] for k in ("n", "mean_norm", "omega", "stiffness", "n_zero", "diversity")}
+    per = [{k: p[k] for k in ("n", "omega", "stiffness", "n_zero", "diversity", "mean_norm")} for p in per]
     return _entry(classes, [p["n"] for p in per], per, overall, shape)
 
 
