@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._validation import InputError, check_finite, describe_shape
+from ._validation import check_positive_int
 
 __all__ = [
     "FORMAT_NAME",
@@ -252,6 +253,132 @@ class ActivationFile:
         for key in self._order:
             if key.startswith(("act/", "grad/")):
                 check_finite(self._flat(self.array(key)), f"{self.path}: '{key}'")
+
+    # -- streaming row batches (docs/scaling.md) --------------------------------------------------
+    def nbytes(self, key: str) -> int:
+        """Size in bytes of one array once loaded (from its header; nothing is read)."""
+        if key not in self._headers:
+            raise InputError(f"{self.path}: no key '{key}'; keys present: {', '.join(self._order)}")
+        shape, dtype = self._headers[key]
+        return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+    def is_stored(self, key: str) -> bool:
+        """True when the key's member is stored uncompressed (ZIP_STORED): it can be memory-mapped."""
+        if key not in self._headers:
+            raise InputError(f"{self.path}: no key '{key}'; keys present: {', '.join(self._order)}")
+        return self._zip.getinfo(key + ".npy").compress_type == zipfile.ZIP_STORED
+
+    def _npy_layout(self, key: str) -> tuple[int, bool]:
+        """(offset of the array data inside its .npy member, fortran_order)."""
+        with self._zip.open(key + ".npy") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                _, fortran, _ = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                _, fortran, _ = np.lib.format.read_array_header_2_0(fh)
+            else:
+                _, fortran, _ = np.lib.format._read_array_header(fh, version)  # noqa: SLF001
+            return fh.tell(), bool(fortran)
+
+    def _member_data_offset(self, key: str) -> int:
+        """Byte offset in the .npz file where a stored member's data (its .npy bytes) begins."""
+        info = self._zip.getinfo(key + ".npy")
+        with open(self.path, "rb") as fh:
+            fh.seek(info.header_offset)
+            head = fh.read(30)  # zip local file header: fixed 30 bytes, then name and extra field
+        if len(head) != 30 or head[:4] != b"PK\x03\x04":
+            raise InputError(f"{self.path}: key '{key}': bad zip local header; corrupt archive")
+        name_len = int.from_bytes(head[26:28], "little")
+        extra_len = int.from_bytes(head[28:30], "little")
+        return info.header_offset + 30 + name_len + extra_len
+
+    def iter_rows(self, key: str, rows=None, *, batch_rows: int = 8192):
+        """Yield ``(positions, block)`` batches of the rows of one array without loading it whole.
+
+        ``rows`` (default: all) are row indices; they are visited in ascending file order (stable for
+        repeats) in batches of ``batch_rows`` selected rows; ``positions`` are indices into ``rows``
+        (into the file's rows when ``rows`` is None) and ``block`` is (len(positions), features),
+        flattened like :meth:`layer` (float16 promoted to float32). An uncompressed member is
+        memory-mapped at its data offset; a compressed one is decompressed sequentially, holding one
+        chunk of ``batch_rows`` file rows at a time. Both give the same batches, so results computed
+        from them do not depend on how the file was compressed. Memory: O(batch_rows x features).
+        """
+        if key not in self._headers:
+            raise InputError(f"{self.path}: no key '{key}'; keys present: {', '.join(self._order)}")
+        bs = check_positive_int(batch_rows, "batch_rows")
+        shape, dtype = self._headers[key]
+        if len(shape) < 1:
+            raise InputError(f"{self.path}: '{key}' is 0-d; it has no rows to stream")
+        n = shape[0]
+        if rows is None:
+            sel = np.arange(n, dtype=np.int64)
+        else:
+            sel = np.asarray(rows)
+            if sel.ndim != 1 or (sel.size and sel.dtype.kind not in "iu"):
+                raise InputError(f"rows must be a 1-D integer array, got dtype {sel.dtype} shape {sel.shape}")
+            sel = sel.astype(np.int64)
+            if sel.size and (sel.min() < 0 or sel.max() >= n):
+                bad = int(sel[(sel < 0) | (sel >= n)][0])
+                raise InputError(f"{self.path}: '{key}' has {n} rows; row index {bad} is out of range")
+        order = np.argsort(sel, kind="stable")
+        sorted_rows = sel[order]
+        if sorted_rows.size == 0:
+            return
+        data_off, fortran = self._npy_layout(key)
+        if self.is_stored(key):
+            mm = np.memmap(self.path, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C",
+                           offset=self._member_data_offset(key) + data_off)
+            try:
+                for i in range(0, sorted_rows.size, bs):
+                    r = sorted_rows[i:i + bs]
+                    if r[-1] - r[0] + 1 == r.size:  # a contiguous run: slice, no fancy-index copy first
+                        block = np.array(mm[r[0]:r[-1] + 1])
+                    else:
+                        block = np.asarray(mm[r])
+                    yield order[i:i + bs], self._flat(block)
+            finally:
+                del mm
+            return
+        if fortran and len(shape) > 1:
+            raise InputError(
+                f"{self.path}: '{key}' is compressed and stored in Fortran (column) order, so it cannot be "
+                "read in row batches; save it uncompressed or as a C-ordered array (np.ascontiguousarray)"
+            )
+        row_items = int(np.prod(shape[1:], dtype=np.int64))
+        row_bytes = row_items * dtype.itemsize
+        pending: list[tuple[np.ndarray, np.ndarray]] = []
+        n_pending = 0
+        done = 0  # selected rows already yielded or pending
+        try:
+            with self._zip.open(key + ".npy") as fh:
+                fh.read(data_off)
+                for start in range(0, n, bs):
+                    stop = min(n, start + bs)
+                    hi = int(np.searchsorted(sorted_rows, stop, side="left"))
+                    want = (stop - start) * row_bytes
+                    buf = fh.read(want)
+                    if len(buf) != want:
+                        raise InputError(f"{self.path}: key '{key}' is truncated (rows {start}..{stop - 1})")
+                    if hi == done:
+                        continue  # no selected row in this chunk: decompressed and dropped
+                    chunk = np.frombuffer(buf, dtype=dtype).reshape((stop - start,) + tuple(shape[1:]))
+                    pending.append((order[done:hi], chunk[sorted_rows[done:hi] - start]))
+                    n_pending += hi - done
+                    done = hi
+                    while n_pending >= bs:
+                        pos = np.concatenate([p for p, _ in pending])
+                        blk = np.concatenate([b for _, b in pending])
+                        yield pos[:bs], self._flat(blk[:bs])
+                        pending = [(pos[bs:], blk[bs:])] if pos.size > bs else []
+                        n_pending -= bs
+                    if done == sorted_rows.size:
+                        break
+        except InputError:
+            raise
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+            raise InputError(f"{self.path}: key '{key}' could not be read ({exc})") from None
+        if n_pending:
+            yield np.concatenate([p for p, _ in pending]), self._flat(np.concatenate([b for _, b in pending]))
 
     # -- subsets (paper 003) --------------------------------------------------------------------
     @property
