@@ -236,7 +236,7 @@ def test_merged_sums_equal_one_shot_over_union(gen):
 def test_to_accumulator_matches_core_alignment(gen):
     # cross-check with the torch-free core implementation of the same sums
     model, x, y = make("mlp_nobias", gen)
-    x[2] = 0  # a zero input: zero first-layer gradient (n_zero = 1 there)
+    x[2] = 0  # a zero input: bias-free net -> zero weight gradients (n_zero = 1), not logits
     sums = gradient_sums(model, x[:7], y[:7]) + gradient_sums(model, x[7:], y[7:])
     ref = gradient_stats_oracle(model, x, y)
     for name, ts in sums.tensors.items():
@@ -247,7 +247,7 @@ def test_to_accumulator_matches_core_alignment(gen):
         assert st.diversity == pytest.approx(r["diversity"], rel=1e-9)
         assert st.omega_in_class == pytest.approx(r["omega_in_class"], rel=1e-9)
         assert st.cosine_in_class == pytest.approx(r["stiffness_in_class"], rel=1e-9)
-        assert st.n_zero == r["n_zero"] == (1 if name == "0.weight" else 0)
+        assert st.n_zero == r["n_zero"] == (0 if name == "logits" else 1)
         assert [int(c) for c in st.classes] == [int(c) for c in r["per_class"]]
     with pytest.raises(InputError, match="to_accumulator needs sums made with gradient_sums"):
         from geomprobe.trainers.gradstats import _run
