@@ -181,8 +181,9 @@ def make_probe_inputs(
     else:  # pragma: no cover - probability ~0 for d >= 2
         raise AnalysisError(f"could not draw a direction orthogonal to x_hat in 100 attempts ({todo.size} left)")
     inputs = norm * (rho_rows[:, None] * e[None, :] + np.sqrt(1.0 - rho_rows * rho_rows)[:, None] * u)
-    achieved, _ = _k.rowwise_correlation(inputs, np.broadcast_to(flat, inputs.shape).copy(), False)
-    rel_norm = np.abs(np.linalg.norm(inputs, axis=1) - norm) / norm
+    in_norms = np.linalg.norm(inputs, axis=1)
+    achieved = (inputs @ flat) / (in_norms * norm)
+    rel_norm = np.abs(in_norms - norm) / norm
     shape = (n,) + x.shape
     return ProbeInputs(
         x_hat=x,
@@ -245,6 +246,8 @@ def probe_correlations(
         )
     if xh.size != d:
         raise InputError(f"x_hat has {xh.size} elements but inputs has {d} elements per row")
+    if not np.any(xh):
+        raise InputError("x_hat must have a non-zero norm (the constant target), got norm 0")
     r = _check_rho(rho, "rho", n=n, n_name="inputs (rows)")
     centre = kind == "pearson"
     ident, und_i = _k.rowwise_correlation(P, X, centre)

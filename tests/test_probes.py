@@ -258,6 +258,8 @@ def test_zero_predictions_are_undefined_and_reported(rng):
         ((np.ones((4, 3)), np.ones((4, 3)), np.ones(5), np.zeros(4)), r"x_hat has 5 elements but inputs has 3"),
         ((np.ones((4, 3)), np.ones((4, 3)), np.ones(3), np.zeros(5)), r"rho has 5 entries but inputs \(rows\) has 4"),
         ((np.ones(3), np.ones(3), np.ones(3), np.zeros(1)), r"inputs must be at least 2-D .* got shape \(3,\)"),
+        ((np.ones((4, 3)), np.ones((4, 3)), np.zeros(3), np.zeros(4)), r"x_hat must have a non-zero norm \(the constant target\), got norm 0"),
+        ((np.ones((4, 3)), np.ones((4, 3)), np.ones(3), np.full(4, 2.0)), r"rho must lie in \[0, 1\], got 2\.0 at index 0"),
     ],
 )
 def test_probe_correlation_errors(args, match):
