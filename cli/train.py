@@ -1,0 +1,108 @@
+"""``geomprobe train EXPERIMENT``: train one of the seed papers' experiments and write activation files.
+
+Thin: parse, resolve the options (preset < --config < --set), call geomprobe.trainers.experiments.
+torch is imported only when a run starts, so ``geomprobe --help`` stays fast and works without it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from geomprobe._validation import InputError
+from geomprobe.trainers.options import SPECS, get_spec, option_defaults, options_for
+
+DEFAULT_OUT = "geomprobe-runs"
+
+
+def _options_epilog(name: str) -> str:
+    spec = SPECS[name]
+    defaults = option_defaults(spec.options)
+    presets = list(spec.presets)
+    rows = [["option", "default"] + presets]
+    for k, v in defaults.items():
+        rows.append([k, _short(v)] + [_short(spec.presets[p][k]) if k in spec.presets[p] else "" for p in presets])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return ("options (set with --set key=value, lists as a,b,c or JSON; a --config file is a JSON object of "
+            "options):\n  " + "\n  ".join(lines))
+
+
+def _short(v) -> str:
+    if isinstance(v, list):
+        t = ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+        return t if len(t) <= 28 else t[:25] + "..."
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def add_parser(sub) -> None:
+    lines = "\n".join(f"  {n:22s} {s.summary}" for n, s in SPECS.items())
+    p = sub.add_parser(
+        "train",
+        help="train a seed paper's experiment (needs torch): " + ", ".join(SPECS),
+        description="Train one experiment of the seed papers and write checkpoints, a JSONL metrics log "
+        "and activation files (readable by `geomprobe analyze`) into --out. A killed run resumes when "
+        "started again with the same options; a finished one is refused without --force.\n\n"
+        "experiments:\n" + lines,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    exps = p.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    exps.required = True
+    for name, spec in SPECS.items():
+        e = exps.add_parser(name, help=spec.summary.replace("%", "%%"), description=spec.summary, epilog=_options_epilog(name),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        e.add_argument("--preset", choices=list(spec.presets), default="tiny",
+                       help="tiny: seconds on a CPU (CI); small: minutes on a CPU; paper: the paper's setting "
+                       "(default tiny)")
+        e.add_argument("--config", metavar="FILE", help="JSON file with an object of options")
+        e.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="set one option (repeatable); see the table below")
+        e.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                       help="default auto: CUDA when available")
+        e.add_argument("--seed", type=int, default=None, help="seed of data, init and order (default 0)")
+        e.add_argument("--out", metavar="DIR", default=None,
+                       help=f"output folder (default {DEFAULT_OUT}/EXPERIMENT-PRESET)")
+        e.add_argument("--force", action="store_true", help="overwrite a finished or different run in --out")
+        e.add_argument("--quiet", action="store_true", help="no progress bars, no summary")
+    p.set_defaults(run=run)
+
+
+def _read_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--config {p}: no such file")
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"--config {p}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"--config {p}: must hold a JSON object of options, got {type(cfg).__name__}")
+    return cfg
+
+
+def run(args) -> int:
+    name = args.experiment
+    get_spec(name)
+    if args.seed is not None and args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    config = _read_config(args.config) if args.config else None
+    opts = options_for(name, args.preset, config, args.sets, seed=args.seed, device=args.device,
+                       progress="off" if args.quiet else None)
+    out = Path(args.out) if args.out else Path(DEFAULT_OUT) / f"{name}-{args.preset}"
+    try:
+        from geomprobe.trainers.experiments import run_experiment
+    except ModuleNotFoundError as exc:
+        if exc.name == "torch":
+            raise InputError("geomprobe train needs PyTorch: pip install 'geomprobe[train]'") from None
+        raise
+    result = run_experiment(name, opts, out, force=args.force, preset=args.preset)
+    if not args.quiet:
+        print(f"{name} ({args.preset}) finished: results in {out}", file=sys.stderr)
+        files = sorted(str(p.relative_to(out)) for p in out.rglob("acts_*.npz"))
+        print(f"activation files ({len(files)}): " + ", ".join(files[:12]) + (" ..." if len(files) > 12 else ""))
+        print(f"next: geomprobe analyze {out}/**/acts_*.npz -o {out}/analysis")
+    del result
+    return 0
