@@ -134,6 +134,10 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
         allowed[(mod, "_reconstruct")] = recon
     allowed[("numpy", "ndarray")] = np.ndarray
     allowed[("numpy", "dtype")] = np.dtype
+    # bytes re-pickled by Python 3 with protocol 2 are stored as _codecs.encode(str, 'latin1')
+    import _codecs
+
+    allowed[("_codecs", "encode")] = _codecs.encode
     return allowed
 
 
@@ -338,16 +342,29 @@ def load_fashion_mnist(root: str | os.PathLike | None = None) -> Dataset:
     return _load_idx_dataset("fashion-mnist", root, FASHION_MNIST_DIRS)
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled digits.csv.gz of scikit-learn, read without importing scikit-learn (seconds saved)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("dataset 'digits' needs scikit-learn (its bundled 8x8 digits): pip install scikit-learn")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    if path.is_file():
+        raw = np.loadtxt(path, delimiter=",", dtype=np.float32)
+        return (raw[:, :-1] / 16.0).reshape(-1, 1, 8, 8), raw[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits as _sk  # pragma: no cover - other layouts
+
+    d = _sk()
+    return (d.images.astype(np.float32) / 16.0)[:, None], d.target.astype(np.int64)
+
+
 def load_digits(root: Any = None, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1797 images), split into train/test with a seed.
 
     Images are scaled to [0, 1] and shaped (n, 1, 8, 8).
     """
-    from sklearn.datasets import load_digits as _sk
-
-    d = _sk()
-    x = (d.images.astype(np.float32) / 16.0)[:, None]
-    y = d.target.astype(np.int64)
+    x, y = _digits_arrays()
     rng = check_seed(seed)
     order = rng.permutation(len(y))
     n_test = int(round(test_fraction * len(y)))
