@@ -395,7 +395,7 @@ def train(
                         z = model(xb)
                     loss = loss_fn(z.float(), yb)
                     if not torch.isfinite(loss):
-                        raise InputError(f"training diverged: loss is {float(loss)} at step {step} (epoch {epoch}); "
+                        raise InputError(f"training diverged: loss is {float(loss.detach())} at step {step} (epoch {epoch}); "
                                          f"lower lr (now {lr})")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
