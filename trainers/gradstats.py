@@ -244,6 +244,11 @@ def _sq_norms(D: torch.Tensor, A: torch.Tensor, budget: int) -> torch.Tensor:
     return out
 
 
+def _sqnorm(t: torch.Tensor) -> float:
+    """||t||^2 accumulated in float64 (without a float64 copy of t)."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+
+
 @dataclass
 class TensorSums:
     """Additive sums of one tensor's per-example gradients, per class (float64).
@@ -378,12 +383,12 @@ def _tensor_sums(D, A, codes, classes, *, method, budget, keep_vectors, shape) -
             Ak = A[idx].reshape(-1, q)
             gk = D[idx].reshape(-1, p).T @ Ak
             uk = (D[idx] * w[idx, None, None]).reshape(-1, p).T @ Ak
-            sq_g[k] = float(gk.double().pow(2).sum())
-            sq_u[k] = float(uk.double().pow(2).sum())
+            sq_g[k] = _sqnorm(gk)
+            sq_u[k] = _sqnorm(uk)
             Sg += gk
             Su += uk
-        tot_g = float(Sg.double().pow(2).sum())
-        tot_u = float(Su.double().pow(2).sum())
+        tot_g = _sqnorm(Sg)
+        tot_u = _sqnorm(Su)
     return TensorSums(**base, sq_g=sq_g, sq_unit=sq_u, total_sq_g=tot_g, total_sq_unit=tot_u)
 
 
