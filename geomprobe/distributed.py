@@ -90,7 +90,8 @@ def _worker_run(task: Task, options: AnalyzeOptions, stream_batch_rows: int | No
 
 # -- the runner ----------------------------------------------------------------------------------
 def dask_runner(client, retries: int = 2, *, stream_batch_rows: int | None = None,
-                task_fn: Callable[[Task, AnalyzeOptions], TaskResult] | None = None):
+                task_fn: Callable[[Task, AnalyzeOptions], TaskResult] | None = None,
+                timeout_s: float | None = None):
     """A runner for :func:`geomprobe.analysis.analyze` that runs every task on ``client``'s cluster.
 
     ``retries``: reruns of a task that raised an unexpected exception. ``stream_batch_rows``: compute
@@ -98,10 +99,14 @@ def dask_runner(client, retries: int = 2, *, stream_batch_rows: int | None = Non
     replaces :func:`geomprobe.analysis.run_task` (tests and custom analyses; it must be picklable).
     Results come back through ``on_done`` in this process in completion order; if the caller stops
     (an exception or Ctrl-C in ``on_done``), the tasks not yet finished are cancelled.
+    ``timeout_s``: a deadline for the whole run; tasks without a result by then are cancelled and
+    reported as failed (TimeoutError).
     """
     retries = check_positive_int(retries, "retries", minimum=0)
     if stream_batch_rows is not None:
         stream_batch_rows = check_positive_int(stream_batch_rows, "stream_batch_rows")
+    if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+        raise InputError(f"timeout_s must be a number > 0, got {timeout_s!r}")
 
     def runner(tasks, options, on_done) -> None:
         if not tasks:
@@ -117,14 +122,22 @@ def dask_runner(client, retries: int = 2, *, stream_batch_rows: int | None = Non
                     key=f"geomprobe_task-{t.digest}-{run_id}", retries=retries, pure=False,
                 )
                 futures[fut.key] = (fut, t)
-            for fut in distributed.as_completed([f for f, _ in futures.values()]):
-                _, t = futures.pop(fut.key)
-                try:
-                    res = fut.result()
-                except Exception as exc:  # noqa: BLE001 - retries exhausted or worker lost: report
-                    res = TaskResult(t, error=f"{type(exc).__name__}: {exc}")
-                fut.release()
-                on_done(res)
+            try:
+                for fut in distributed.as_completed([f for f, _ in futures.values()], timeout=timeout_s):
+                    _, t = futures.pop(fut.key)
+                    try:
+                        res = fut.result()
+                    except Exception as exc:  # noqa: BLE001 - retries exhausted or worker lost: report
+                        res = TaskResult(t, error=f"{type(exc).__name__}: {exc}")
+                    fut.release()
+                    on_done(res)
+            except TimeoutError:
+                late = [t for _, t in futures.values()]
+                with contextlib.suppress(Exception):
+                    client.cancel([f for f, _ in futures.values()])
+                futures.clear()
+                for t in late:
+                    on_done(TaskResult(t, error=f"TimeoutError: no result within {timeout_s} s (cancelled)"))
         finally:
             if futures:
                 with contextlib.suppress(Exception):
@@ -144,27 +157,27 @@ def local_cluster(n_workers: int, threads_per_worker: int = 1, *, retries: int =
     worker dies is rerun up to ``retries`` times (``distributed.scheduler.allowed-failures``).
     """
     _import_distributed()
-    import dask
     from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
 
     n = check_positive_int(n_workers, "workers")
     tpw = check_positive_int(threads_per_worker, "threads_per_worker")
     retries = check_positive_int(retries, "retries", minimum=0)
     env = {"NUMBA_NUM_THREADS": str(tpw), "OMP_NUM_THREADS": str(tpw)}
-    with dask.config.set({"distributed.scheduler.allowed-failures": retries}):
-        if not gpus:
-            return LocalCluster(n_workers=n, threads_per_worker=tpw, processes=True, host="127.0.0.1",
-                                dashboard_address=None, memory_limit=memory_limit, env=env)
-        if len(gpus) != n:
-            raise InputError(f"gpus lists {len(gpus)} device(s) but workers is {n}: give one device per worker")
-        workers = {
-            f"gpu-{g}": {"cls": Nanny, "options": {
-                "nthreads": tpw, "host": "127.0.0.1", "resources": {"GPU": 1}, "memory_limit": memory_limit,
-                "env": {**env, "CUDA_VISIBLE_DEVICES": str(g)}}}
-            for g in gpus
-        }
-        scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": None}}
-        return SpecCluster(workers=workers, scheduler=scheduler)
+    # no dashboard; the scheduler's small HTTP server (health, metrics) on a free loopback port
+    sched = {"dashboard": False, "dashboard_address": "127.0.0.1:0", "allowed_failures": retries}
+    if not gpus:
+        return LocalCluster(n_workers=n, threads_per_worker=tpw, processes=True, host="127.0.0.1",
+                            dashboard_address=None, memory_limit=memory_limit, env=env, scheduler_kwargs=sched)
+    if len(gpus) != n:
+        raise InputError(f"gpus lists {len(gpus)} device(s) but workers is {n}: give one device per worker")
+    workers = {
+        f"gpu-{g}": {"cls": Nanny, "options": {
+            "nthreads": tpw, "host": "127.0.0.1", "resources": {"GPU": 1}, "memory_limit": memory_limit,
+            "env": {**env, "CUDA_VISIBLE_DEVICES": str(g)}}}
+        for g in gpus
+    }
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", **sched}}
+    return SpecCluster(workers=workers, scheduler=scheduler)
 
 
 @contextlib.contextmanager
