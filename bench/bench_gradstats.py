@@ -2,10 +2,12 @@
 per-example oracles, on the paper-000 MLP (3072 -> 1024 -> 10, ReLU, no bias, batch 256).
 
     python bench/bench_gradstats.py [--batch 256] [--hidden 1024] [--repeats 3] [--device cpu]
-                                    [--dtype float32] [--skip-vmap]
+                                    [--dtype float32] [--skip-vmap] [--skip-loop] [--oracle]
 
 Prints one table: median wall time per call and the ratio to one ordinary training step
-(forward + backward of the mean loss) and to the fast route.
+(forward + backward of the mean loss) and to the fast route. "materialise only" rows are the cost of
+just forming the n per-example gradients (the least any per-example route pays); the full oracle
+(--oracle) also evaluates the pairwise definitions.
 """
 from __future__ import annotations
 
@@ -45,7 +47,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--skip-vmap", action="store_true", help="skip the vmap oracle (n x params memory)")
-    ap.add_argument("--skip-loop", action="store_true", help="skip the per-example loop oracle")
+    ap.add_argument("--skip-loop", action="store_true", help="skip the per-example loop")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also time gradient_stats_oracle (pairwise definitions: n^2 d float64 work, minutes on CPU)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -67,13 +71,29 @@ def main() -> None:
                      timed(lambda: gradient_stats(model, x, y, method=method), args.repeats, device)))
     rows.append(("gradient_sums (mergeable, vectors kept)",
                  timed(lambda: gradient_sums(model, x, y), args.repeats, device)))
-    if not args.skip_vmap:
-        rows.append(("oracle how=vmap (materialised)",
-                     timed(lambda: gradient_stats_oracle(model, x, y, how="vmap"), max(1, args.repeats // 2), device)))
-    if not args.skip_loop:
-        rows.append(("oracle how=loop (one bwd per example)",
-                     timed(lambda: gradient_stats_oracle(model, x, y, how="loop"), 1, device)))
+    params = [p for p in model.parameters()]
 
+    def loop_materialise():
+        return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)]) for i in range(args.batch)])
+
+    def vmap_materialise():
+        from torch.func import functional_call, grad, vmap
+
+        pd = {k: v.detach() for k, v in model.named_parameters()}
+
+        def f(p, xi, yi):
+            return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+        return vmap(grad(f), in_dims=(None, 0, 0))(pd, x, y)
+
+    if not args.skip_loop:
+        rows.append(("per-example grads, loop (materialise only)", timed(loop_materialise, 1, device)))
+    if not args.skip_vmap:
+        rows.append(("per-example grads, vmap (materialise only)", timed(vmap_materialise, 1, device)))
+    if args.oracle:
+        rows.append(("gradient_stats_oracle how=loop (full)",
+                     timed(lambda: gradient_stats_oracle(model, x, y, how="loop"), 1, device)))
     fast = rows[1][1]
     step_t = rows[0][1]
     threads = torch.get_num_threads()

@@ -125,6 +125,17 @@ def test_matches_oracle(kind, method, gen):
     assert set(fast) == expected
 
 
+@pytest.mark.parametrize("kind", ["mlp_nobias", "conv", "shared"])
+@pytest.mark.parametrize("method", ["gram", "explicit"])
+def test_all_parameters_concatenated_matches_oracle(kind, method, gen):
+    model, x, y = make(kind, gen)
+    init(model, gen)
+    x[3] = 0  # bias-free MLP: a zero gradient over all tensors
+    fast = gradient_stats(model, x, y, include_all=True, method=method)
+    assert_same(fast, gradient_stats_oracle(model, x, y, include_all=True))
+    assert fast["all"]["shape"] == [sum(p.numel() for p in model.parameters())]
+
+
 def test_oracle_vmap_equals_loop(gen):
     model, x, y = make("conv", gen)
     assert_same(gradient_stats_oracle(model, x, y, how="vmap"), gradient_stats_oracle(model, x, y))
@@ -507,3 +518,13 @@ def test_relative_weight_distance_errors():
         relative_weight_distance(a, {"weight": torch.ones(2, 3)})
     with pytest.raises(InputError, match="init_state must be an nn.Module or a mapping"):
         relative_weight_distance(a, [1, 2])
+
+
+def test_normalized_loss_zero_layer_gives_none(gen):
+    model = relu_mlp()
+    with torch.no_grad():
+        model[2].weight.zero_()
+    x = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    r = normalized_loss(model, x, torch.tensor([0, 1, 2, 3]))
+    assert r["normalized_loss"] is None and r["norm_product"] is None and r["log_norm_product"] is None
+    json.dumps(r, allow_nan=False)

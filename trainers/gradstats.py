@@ -335,11 +335,14 @@ class TensorSums:
                           tot_g, tot_u, self.shape)
 
 
-def _tensor_sums(D, A, codes, classes, *, method, budget, keep_vectors, shape) -> TensorSums:
+def _tensor_sums(D, A, codes, classes, *, method, budget, keep_vectors, shape, sq=None, w_extra=None):
+    """TensorSums of g_i = D_i^T A_i; with ``w_extra`` (per-example weights, e.g. 1/||g_i|| over all
+    tensors together) also (per class ||sum_{i in c} w_i g_i||^2, the same over all examples)."""
     n, T, p = D.shape
     q = A.shape[2]
     K = len(classes)
-    sq = _sq_norms(D, A, budget)
+    if sq is None:
+        sq = _sq_norms(D, A, budget)
     norm = sq.clamp_min(0).sqrt()
     nz = norm > 0
     w = torch.where(nz, 1.0 / torch.where(nz, norm, torch.ones_like(norm)), torch.zeros_like(norm))
@@ -359,8 +362,9 @@ def _tensor_sums(D, A, codes, classes, *, method, budget, keep_vectors, shape) -
             Wk = (D[idx] * w[idx, None, None]).reshape(-1, p)
             sg[k] = (Dk.T @ Ak).reshape(-1).double()
             su[k] = (Wk.T @ Ak).reshape(-1).double()
-        return TensorSums(**base, sum_g=sg, sum_unit=su)
+        return TensorSums(**base, sum_g=sg, sum_unit=su), None
 
+    extra = None
     use_gram = method == "gram" or (
         method == "auto" and T == 1 and n * (p + q) < 2 * p * q and n * n <= budget
     )
@@ -374,10 +378,15 @@ def _tensor_sums(D, A, codes, classes, *, method, budget, keep_vectors, shape) -
         sq_u = torch.diagonal(Pw.T @ G @ Pw).double().cpu().numpy()
         tot_g = float(G.double().sum())
         tot_u = float((w.double() @ G.double() @ w.double()))
+        if w_extra is not None:
+            Pe = P * w_extra[:, None].to(G.dtype)
+            we = w_extra.double()
+            extra = (torch.diagonal(Pe.T @ G @ Pe).double().cpu().numpy(), float(we @ G.double() @ we))
     else:
         Sg = torch.zeros(p, q, dtype=D.dtype, device=D.device)
         Su = torch.zeros(p, q, dtype=D.dtype, device=D.device)
-        sq_g, sq_u = np.zeros(K), np.zeros(K)
+        Se = None if w_extra is None else torch.zeros(p, q, dtype=D.dtype, device=D.device)
+        sq_g, sq_u, sq_e = np.zeros(K), np.zeros(K), np.zeros(K)
         for k in range(K):
             idx = (codes == k).nonzero().squeeze(1)
             Ak = A[idx].reshape(-1, q)
@@ -387,9 +396,15 @@ def _tensor_sums(D, A, codes, classes, *, method, budget, keep_vectors, shape) -
             sq_u[k] = _sqnorm(uk)
             Sg += gk
             Su += uk
+            if Se is not None:
+                ek = (D[idx] * w_extra[idx, None, None].to(D.dtype)).reshape(-1, p).T @ Ak
+                sq_e[k] = _sqnorm(ek)
+                Se += ek
         tot_g = _sqnorm(Sg)
         tot_u = _sqnorm(Su)
-    return TensorSums(**base, sq_g=sq_g, sq_unit=sq_u, total_sq_g=tot_g, total_sq_unit=tot_u)
+        if Se is not None:
+            extra = (sq_e, _sqnorm(Se))
+    return TensorSums(**base, sq_g=sq_g, sq_unit=sq_u, total_sq_g=tot_g, total_sq_unit=tot_u), extra
 
 
 # --------------------------------------------------------------------------------------------------
@@ -496,7 +511,7 @@ class GradientSums:
 
 
 def _run(model, x, y, loss_fn, labels, modules, include_bias, include_logits, eval_mode, dtype, method,
-         budget, keep_vectors) -> dict[str, TensorSums]:
+         budget, keep_vectors, include_all=False) -> dict[str, TensorSums]:
     if method not in _METHODS:
         raise InputError(f"method must be one of {', '.join(map(repr, _METHODS))}; got {method!r}")
     n = _check_batch(x)
@@ -515,20 +530,49 @@ def _run(model, x, y, loss_fn, labels, modules, include_bias, include_logits, ev
     def cast(t):
         return t if dtype is None else t.to(dtype)
 
-    for name, m in targets:
-        if not captures[name]:
-            continue  # module not called in this forward
-        D, A = _factors(name, m, captures[name], n)
-        D, A = cast(D), cast(A)
-        out[_prefix(name) + "weight"] = _tensor_sums(D, A, codes, classes, shape=m.weight.shape, **kw)
-        if include_bias and m.bias is not None:
-            ones = torch.ones(n, 1, 1, dtype=D.dtype, device=D.device)
-            out[_prefix(name) + "bias"] = _tensor_sums(D.sum(1, keepdim=True), ones, codes, classes,
-                                                       shape=m.bias.shape, **kw)
+    def tensors():
+        """(key, D, A, shape) of every weight / bias tensor; unfolds again on each call (memory)."""
+        for name, m in targets:
+            if not captures[name]:
+                continue  # module not called in this forward
+            D, A = _factors(name, m, captures[name], n)
+            D, A = cast(D), cast(A)
+            yield _prefix(name) + "weight", D, A, m.weight.shape
+            if include_bias and m.bias is not None:
+                yield _prefix(name) + "bias", D.sum(1, keepdim=True), torch.ones(n, 1, 1, dtype=D.dtype,
+                                                                                 device=D.device), m.bias.shape
+
+    w_all = sq_all = None
+    if include_all and not keep_vectors:
+        sq_all = None
+        for _, D, A, _ in tensors():
+            sq = _sq_norms(D, A, budget).double()
+            sq_all = sq if sq_all is None else sq_all + sq
+    extras = []
+    if sq_all is not None:
+        norm_all = sq_all.sqrt()
+        nz = norm_all > 0
+        w_all = torch.where(nz, 1.0 / torch.where(nz, norm_all, torch.ones_like(norm_all)), torch.zeros_like(norm_all))
+    for key, D, A, shape in tensors():
+        out[key], extra = _tensor_sums(D, A, codes, classes, shape=shape, w_extra=w_all, **kw)
+        extras.append(extra)
+    if sq_all is not None and extras:
+        K = len(classes)
+        ts = list(out.values())
+
+        def per_class(v):
+            return torch.zeros(K, dtype=torch.float64, device=v.device).index_add_(0, codes, v).cpu().numpy()
+
+        out["all"] = TensorSums(
+            classes=classes, n=ts[0].n, n_nonzero=per_class(nz.double()), sum_norm=per_class(norm_all),
+            sum_sq=per_class(sq_all), shape=(int(sum(int(np.prod(t.shape)) for t in ts)),),
+            sq_g=np.sum([t.sq_g for t in ts], axis=0), sq_unit=np.sum([e[0] for e in extras], axis=0),
+            total_sq_g=float(sum(t.total_sq_g for t in ts)), total_sq_unit=float(sum(e[1] for e in extras)),
+        )
     if include_logits:
         Dz = cast(dlogits.reshape(n, 1, -1))
         ones = torch.ones(n, 1, 1, dtype=Dz.dtype, device=Dz.device)
-        out["logits"] = _tensor_sums(Dz, ones, codes, classes, shape=logits.shape[1:], **kw)
+        out["logits"], _ = _tensor_sums(Dz, ones, codes, classes, shape=logits.shape[1:], **kw)
     return out
 
 
@@ -542,6 +586,7 @@ def gradient_stats(
     modules: Iterable[Any] | None = None,
     include_bias: bool = True,
     include_logits: bool = True,
+    include_all: bool = False,
     eval_mode: bool = True,
     dtype: torch.dtype | None = None,
     method: str = "auto",
@@ -557,6 +602,8 @@ def gradient_stats(
     ``omega_in_class`` / ``stiffness_in_class`` (means over classes with >= 2 examples; None if none),
     ``classes_skipped`` (classes with < 2 examples, never counted as 0) and ``per_class``. Values that
     are undefined are None. Everything is a plain int / float / list / dict (JSON-able).
+    ``include_all=True`` adds ``"all"``: the same statistics for the gradient of all selected weight
+    and bias tensors concatenated (logits excluded).
 
     ``eval_mode=True`` (default) runs the pass with every submodule in eval mode and restores each
     one's flag afterwards; ``dtype`` (e.g. torch.float64) is the dtype the sums are formed in
@@ -564,7 +611,7 @@ def gradient_stats(
     Linear layers, 'explicit'); ``memory_budget`` bounds the elements of per-chunk temporaries.
     """
     sums = _run(model, x, y, loss_fn, labels, modules, include_bias, include_logits, eval_mode, dtype,
-                method, memory_budget, keep_vectors=False)
+                method, memory_budget, keep_vectors=False, include_all=include_all)
     return {k: v.stats() for k, v in sums.items()}
 
 
@@ -637,6 +684,7 @@ def gradient_stats_oracle(
     modules: Iterable[Any] | None = None,
     include_bias: bool = True,
     include_logits: bool = True,
+    include_all: bool = False,
     eval_mode: bool = True,
     how: str = "loop",
 ) -> dict[str, dict]:
@@ -691,6 +739,9 @@ def gradient_stats_oracle(
             dlogits = vmap(grad(lambda zi, yi: loss_fn(zi[None], yi[None]).sum()))(z, y).reshape(n, -1)
             logits_shape = tuple(z.shape[1:])
     result = {nm: _oracle_entry(V, codes, classes, s) for nm, V, s in zip(names, vecs, shapes)}
+    if include_all and vecs:
+        Vall = torch.cat(vecs, dim=1)
+        result["all"] = _oracle_entry(Vall, codes, classes, (Vall.shape[1],))
     if include_logits:
         shape = logits_shape if how == "vmap" else None
         if shape is None:
@@ -853,7 +904,8 @@ def normalized_loss(
     invariant to rescaling layers, i.e. equal to the loss of the net with every W_k / ||W_k||_F.
     ``has_bias`` in the result flags selected layers that carry a bias (then it is not invariant).
     Returns plain floats: loss, normalized_loss, norm_product, log_norm_product, accuracy,
-    layer_norms {name: ||W||_F}, has_bias.
+    layer_norms {name: ||W||_F}, has_bias. normalized_loss / norm_product / log_norm_product are None
+    when a selected weight is all zeros (norm_product also when it overflows float64).
     """
     n = _check_batch(x)
     targets = _select_modules(model, layers)
@@ -877,8 +929,9 @@ def normalized_loss(
     return {
         "loss": loss,
         "normalized_loss": nloss,
-        "norm_product": math.exp(log_rho) if log_rho < 709 else math.inf,
-        "log_norm_product": log_rho,
+        # None where not a finite float (a zero weight tensor, or a product beyond float64)
+        "norm_product": math.exp(log_rho) if math.isfinite(log_rho) and log_rho < 709 else None,
+        "log_norm_product": log_rho if math.isfinite(log_rho) else None,
         "accuracy": acc,
         "layer_norms": norms,
         "has_bias": any(m.bias is not None for _, m in targets),
