@@ -14,6 +14,19 @@ from .alignment import (
     sign_stiffness,
 )
 from .io import ActivationFile, open_activations, save_activations
+from .probes import (
+    averaging_classifier,
+    frobenius_norm_product,
+    layerwise_collapse,
+    make_probe_inputs,
+    normalized_loss,
+    normalized_loss_fit,
+    one_layer_linear_prediction,
+    one_layer_linear_solution,
+    probe_correlations,
+    probe_heatmap,
+    weight_distance,
+)
 
 __version__ = "0.1.0"
 
@@ -25,6 +38,17 @@ __all__ = [
     "InputError",
     "__version__",
     "alignment",
+    "averaging_classifier",
+    "frobenius_norm_product",
+    "layerwise_collapse",
+    "make_probe_inputs",
+    "normalized_loss",
+    "normalized_loss_fit",
+    "one_layer_linear_prediction",
+    "one_layer_linear_solution",
+    "probe_correlations",
+    "probe_heatmap",
+    "weight_distance",
     "cosine_stiffness",
     "gradient_confusion",
     "gradient_diversity",

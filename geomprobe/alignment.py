@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._kernels import alignment as _k
-from ._validation import InputError, check_labels, check_matrix, check_positive_int, check_seed
+from ._validation import InputError, check_finite, check_labels, check_matrix, check_positive_int, check_seed
 
 __all__ = [
     "AlignmentAccumulator",
@@ -180,26 +180,28 @@ class AlignmentAccumulator:
 
     def update(self, V, labels=None) -> AlignmentAccumulator:
         """Add a batch (n, d) of vectors (float16/32/64; accumulated in float64)."""
-        X = check_matrix(V, "V", flatten=True)
+        X = check_matrix(V, "V", flatten=True, finite=False)  # NaN/Inf found by the kernel's norms
         lab = np.zeros(X.shape[0], np.int64) if labels is None else check_labels(labels, X.shape[0], rows_name="V")
         classes, codes = np.unique(lab, return_inverse=True)
-        idx = self._ensure(classes, X.shape[1])
-        codes = idx[codes.reshape(-1)]
-        sq = _k.row_sq_norms(X)
+        codes = codes.reshape(-1).astype(np.int64)
+        k, d = classes.size, X.shape[1]
+        if self.d is not None and d != self.d:
+            raise InputError(f"batch has {d} features but the accumulator holds {self.d}")
+        S = np.zeros((k, d))
+        U = np.zeros((k, d))
+        sq = np.empty(X.shape[0])
+        _k.class_sums(X, codes, k, _group(k, d), S, U, sq)
+        if not np.all(np.isfinite(sq)):
+            check_finite(X, "V")  # raises with the count and first position; nothing was added yet
         norms = np.sqrt(sq)
-        inv = np.zeros_like(norms)
         nz = norms > 0
-        inv[nz] = 1.0 / norms[nz]
-        K = len(self._classes)
-        S = np.zeros((K, X.shape[1]))
-        U = np.zeros((K, X.shape[1]))
-        _k.class_sums(X, codes, K, inv, S, U)
-        self.S += S
-        self.U += U
-        self.counts += np.bincount(codes, minlength=K)
-        self.nonzero += np.bincount(codes, weights=nz.astype(np.float64), minlength=K).astype(np.int64)
-        self.norm_sum += np.bincount(codes, weights=norms, minlength=K)
-        self.sq_sum += np.bincount(codes, weights=sq, minlength=K)
+        idx = self._ensure(classes, d)
+        self.S[idx] += S
+        self.U[idx] += U
+        self.counts[idx] += np.bincount(codes, minlength=k)
+        self.nonzero[idx] += np.bincount(codes, weights=nz.astype(np.float64), minlength=k).astype(np.int64)
+        self.norm_sum[idx] += np.bincount(codes, weights=norms, minlength=k)
+        self.sq_sum[idx] += np.bincount(codes, weights=sq, minlength=k)
         return self
 
     def merge(self, other: AlignmentAccumulator) -> AlignmentAccumulator:
@@ -268,6 +270,12 @@ class AlignmentAccumulator:
         )
 
 
+def _group(K: int, d: int) -> int:
+    """Chunks reduced in parallel per step: up to 8, fewer when the partial sums would be large
+    (2 * group * K * d float64 at most ~256 MB). Depends only on the shape, not on the threads."""
+    return int(max(1, min(8, (256 << 20) // max(1, 16 * K * d))))
+
+
 def _diversity(sq_sum: float, sum_sq: float) -> float:
     if sum_sq > 0:
         return float(sq_sum / sum_sq)
@@ -318,14 +326,22 @@ def pairwise_stats(G, labels=None, *, block_size: int = 2048) -> PairwiseResult:
     lab = np.zeros(n, np.int64) if labels is None else check_labels(labels, n, rows_name="G")
     classes, codes = np.unique(lab, return_inverse=True)
     codes = codes.reshape(-1).astype(np.int64)
+    # rows sorted by class so that every block's columns form class segments (one copy of X, O(n d))
+    order = np.argsort(codes, kind="stable")
+    if np.any(order != np.arange(n)):
+        X = X[order]
+        codes = codes[order]
     K = len(classes)
     sign_sum = np.zeros((K, K), np.int64)
     pair_count = np.zeros((K, K), np.int64)
     norms = np.sqrt(_k.row_sq_norms(X))
+    with np.errstate(divide="ignore"):
+        inv = np.where(norms > 0, 1.0 / norms, np.nan)
     gamma = 0.0
     if X.dtype == np.float32:
         m = (d + 2) * _U32
         gamma = m / (1.0 - m)
+    gnorm = gamma * norms
     best = (np.inf, (-1, -1))
     best_cos = (np.inf, (-1, -1))
     n_rechecked = 0
@@ -340,31 +356,36 @@ def pairwise_stats(G, labels=None, *, block_size: int = 2048) -> PairwiseResult:
             Xj = X[j0:j1]
             B = Xi @ Xj.T
             diag = i0 == j0
+            cj = codes[j0:j1]
+            cuts = np.flatnonzero(np.diff(cj)) + 1
+            seg_start = np.concatenate([[0], cuts]).astype(np.int64)
+            seg_end = np.concatenate([cuts, [j1 - j0]]).astype(np.int64)
             n_amb, up, min_cos_up = _k.pair_block(
-                B, norms[i0:i1], norms[j0:j1], codes[i0:i1], codes[j0:j1], gamma, diag,
-                sign_sum, pair_count, buf_i, buf_j, np.inf,
+                B, norms[i0:i1], inv[i0:i1], inv[j0:j1], gnorm[j0:j1], codes[i0:i1], seg_start, seg_end,
+                cj[seg_start], gamma, diag, sign_sum, pair_count, buf_i, buf_j,
             )
             if n_amb:
                 I, J = buf_i[:n_amb].copy(), buf_j[:n_amb].copy()
                 exact = _exact_dots(Xi, Xj, I, J)
                 s = np.sign(exact).astype(np.int64)
-                ci, cj = codes[i0 + I], codes[j0 + J]
-                np.add.at(sign_sum, (ci, cj), s)
-                np.add.at(pair_count, (ci, cj), 1)
-                off = ci != cj
-                np.add.at(sign_sum, (cj[off], ci[off]), s[off])
-                np.add.at(pair_count, (cj[off], ci[off]), 1)
+                ci, cjj = codes[i0 + I], codes[j0 + J]
+                np.add.at(sign_sum, (ci, cjj), s)
+                np.add.at(pair_count, (ci, cjj), 1)
+                off = ci != cjj
+                np.add.at(sign_sum, (cjj[off], ci[off]), s[off])
+                np.add.at(pair_count, (cjj[off], ci[off]), 1)
                 n_rechecked += n_amb
             thr = min(up, best[0])
             cos_thr = min(min_cos_up, best_cos[0])
-            k = _k.min_candidates(B, norms[i0:i1], norms[j0:j1], gamma, diag, thr, cos_thr, buf_i, buf_j)
+            k = _k.min_candidates(B, norms[i0:i1], norms[j0:j1], inv[i0:i1], inv[j0:j1], gamma, diag, thr, cos_thr,
+                                  buf_i, buf_j)
             if k:
                 I, J = buf_i[:k].copy(), buf_j[:k].copy()
                 exact = _exact_dots(Xi, Xj, I, J)
                 n_rechecked += k
                 a = int(np.argmin(exact))
                 if exact[a] < best[0]:
-                    best = (float(exact[a]), (i0 + int(I[a]), j0 + int(J[a])))
+                    best = (float(exact[a]), _orig_pair(order, i0 + int(I[a]), j0 + int(J[a])))
                 nn = norms[i0 + I] * norms[j0 + J]
                 ok = nn > 0
                 if np.any(ok):
@@ -372,7 +393,7 @@ def pairwise_stats(G, labels=None, *, block_size: int = 2048) -> PairwiseResult:
                     cos[ok] = exact[ok] / nn[ok]
                     a = int(np.argmin(cos))
                     if cos[a] < best_cos[0]:
-                        best_cos = (float(cos[a]), (i0 + int(I[a]), j0 + int(J[a])))
+                        best_cos = (float(cos[a]), _orig_pair(order, i0 + int(I[a]), j0 + int(J[a])))
     total_pairs = pair_count[np.triu_indices(K)].sum()
     total_sign = sign_sum[np.triu_indices(K)].sum()
     within = np.array(
@@ -394,6 +415,11 @@ def pairwise_stats(G, labels=None, *, block_size: int = 2048) -> PairwiseResult:
         min_cosine_pair=best_cos[1],
         n_rechecked=n_rechecked,
     )
+
+
+def _orig_pair(order, a: int, b: int) -> tuple[int, int]:
+    i, j = int(order[a]), int(order[b])
+    return (i, j) if i < j else (j, i)
 
 
 def _exact_dots(Xi, Xj, I, J, chunk: int = 4096) -> np.ndarray:

@@ -56,7 +56,9 @@ def test_kernels_match_numpy_twins(rng, dtype):
     inv = 1 / np.sqrt(sq)
     S = np.zeros((4, 130))
     U = np.zeros((4, 130))
-    K.class_sums(X, codes, 4, inv, S, U)
+    sq2 = np.empty(37)
+    K.class_sums(X, codes, 4, 2, S, U, sq2)
+    np.testing.assert_allclose(sq2, sq, rtol=1e-13)
     X64 = X.astype(np.float64)
     for c in range(4):
         np.testing.assert_allclose(S[c], X64[codes == c].sum(0), rtol=1e-12, atol=1e-12)
@@ -66,13 +68,17 @@ def test_kernels_match_numpy_twins(rng, dtype):
 def test_pair_block_kernel_matches_numpy_twin(rng):
     X = rng.standard_normal((20, 8))
     B = X @ X.T
-    codes = rng.integers(0, 3, 20)
+    codes = np.sort(rng.integers(0, 3, 20))  # the kernel takes columns sorted by class
     norms = np.linalg.norm(X, axis=1)
+    cuts = np.flatnonzero(np.diff(codes)) + 1
+    seg_start = np.concatenate([[0], cuts]).astype(np.int64)
+    seg_end = np.concatenate([cuts, [20]]).astype(np.int64)
     ss = np.zeros((3, 3), np.int64)
     pc = np.zeros((3, 3), np.int64)
     bi = np.empty(400, np.int64)
     bj = np.empty(400, np.int64)
-    n_amb, min_up, min_cos_up = K.pair_block(B, norms, norms, codes, codes, 0.0, True, ss, pc, bi, bj, np.inf)
+    n_amb, min_up, min_cos_up = K.pair_block(B, norms, 1 / norms, 1 / norms, 0.0 * norms, codes, seg_start,
+                                             seg_end, codes[seg_start], 0.0, True, ss, pc, bi, bj)
     i, j = pairs(20)
     assert n_amb == 0 and min_up == pytest.approx(B[i, j].min())
     assert min_cos_up == pytest.approx((B / np.outer(norms, norms))[i, j].min())
@@ -84,6 +90,31 @@ def test_pair_block_kernel_matches_numpy_twin(rng):
             cnt[p, q] += 1
     np.testing.assert_array_equal(ss, ref)
     np.testing.assert_array_equal(pc, cnt)
+    # with a rounding bound, pairs whose sign it could flip are handed back instead of counted
+    gamma = 0.5
+    ss[:] = 0
+    pc[:] = 0
+    n_amb, _, _ = K.pair_block(B, norms, 1 / norms, 1 / norms, gamma * norms, codes, seg_start, seg_end,
+                               codes[seg_start], gamma, True, ss, pc, bi, bj)
+    amb = np.abs(B[i, j]) <= gamma * norms[i] * norms[j]
+    assert n_amb == amb.sum() and pc.sum() + pc.trace() == 2 * (len(i) - n_amb)
+
+
+def test_class_sums_do_not_depend_on_the_thread_count():
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, numba; from geomprobe import AlignmentAccumulator as A; "
+        "r=np.random.default_rng(1); X=r.standard_normal((5000,33)).astype(np.float32); y=r.integers(0,3,5000); "
+        "s=A().update(X,y); print(repr(s.S.sum()), repr(s.U.sum()), repr(s.sq_sum.sum()))"
+    )
+    outs = set()
+    for threads in ("1", "2"):
+        env = dict(__import__("os").environ, NUMBA_NUM_THREADS=threads)
+        outs.add(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                check=True).stdout)
+    assert len(outs) == 1
 
 
 def test_kernels_run_without_jit():

@@ -26,41 +26,78 @@ def row_sq_norms(X):
     return out
 
 
-@numba.njit(parallel=True)
-def class_sums(X, codes, n_classes, inv_norms, S, U):
-    """Add per-class sums of rows (S) and of unit rows (U, rows scaled by inv_norms) in place.
+CHUNK_ROWS = 512
 
-    Parallel over blocks of columns; within a column rows are added in order (deterministic).
-    ``inv_norms[i]`` is 1/||x_i|| or 0 for a zero row.
+
+@numba.njit(parallel=True)
+def class_sums(X, codes, n_classes, group, S, U, sq_norms):
+    """One pass over X: per-class sums of rows (S) and of unit rows (U), and each row's squared norm.
+
+    Rows are cut into fixed chunks of CHUNK_ROWS; ``group`` chunks are reduced in parallel into
+    private partial sums, which are then added to S and U in chunk order. The chunking does not
+    depend on the thread count, so neither does the result (bit for bit). Zero rows add nothing to U.
     """
     n, d = X.shape
-    n_blocks = (d + _COL_BLOCK - 1) // _COL_BLOCK
-    for b in prange(n_blocks):
-        j0 = b * _COL_BLOCK
-        j1 = min(d, j0 + _COL_BLOCK)
-        for i in range(n):
-            c = codes[i]
-            w = inv_norms[i]
-            for j in range(j0, j1):
-                v = np.float64(X[i, j])
-                S[c, j] += v
-                U[c, j] += v * w
+    n_chunks = (n + CHUNK_ROWS - 1) // CHUNK_ROWS
+    for g0 in range(0, n_chunks, group):
+        g1 = min(n_chunks, g0 + group)
+        PS = np.zeros((g1 - g0, n_classes, d))
+        PU = np.zeros((g1 - g0, n_classes, d))
+        for cc in prange(g1 - g0):
+            r0 = (g0 + cc) * CHUNK_ROWS
+            r1 = min(n, r0 + CHUNK_ROWS)
+            for i in range(r0, r1):
+                c = codes[i]
+                # four interleaved partial sums (fixed order): breaks the add latency chain
+                s0 = 0.0
+                s1 = 0.0
+                s2 = 0.0
+                s3 = 0.0
+                d4 = d - d % 4
+                for j in range(0, d4, 4):
+                    v0 = np.float64(X[i, j])
+                    v1 = np.float64(X[i, j + 1])
+                    v2 = np.float64(X[i, j + 2])
+                    v3 = np.float64(X[i, j + 3])
+                    s0 += v0 * v0
+                    s1 += v1 * v1
+                    s2 += v2 * v2
+                    s3 += v3 * v3
+                for j in range(d4, d):
+                    v0 = np.float64(X[i, j])
+                    s0 += v0 * v0
+                sq = (s0 + s1) + (s2 + s3)
+                sq_norms[i] = sq
+                w = 1.0 / np.sqrt(sq) if sq > 0.0 else 0.0
+                ps = PS[cc, c]
+                pu = PU[cc, c]
+                for j in range(d):
+                    v = np.float64(X[i, j])
+                    ps[j] += v
+                    pu[j] += v * w
+        for cc in range(g1 - g0):
+            for c in range(n_classes):
+                for j in range(d):
+                    S[c, j] += PS[cc, c, j]
+                    U[c, j] += PU[cc, c, j]
 
 
 @numba.njit(cache=True)
-def pair_block(B, norms_i, norms_j, codes_i, codes_j, gamma, diag, sign_sum, pair_count,
-               amb_i, amb_j, global_min):
+def pair_block(B, norms_i, inv_i, inv_j, gnorm_j, codes_i, seg_start, seg_end, seg_class, gamma, diag,
+               sign_sum, pair_count, amb_i, amb_j):
     """Reduce one Gram block B[i, j] = <x_i, x_j> (computed by BLAS, possibly in float32).
 
-    ``gamma`` bounds the relative rounding error of B: |B_ij - exact| <= gamma * n_i * n_j. Pairs
-    whose sign is ambiguous under that bound are not counted but written to (amb_i, amb_j) for an
-    exact float64 recomputation by the caller. ``diag``: the block is on the diagonal, so only j > i.
-    Adds to sign_sum[c, c'] and pair_count[c, c'] (both orders for c != c', once for c == c').
+    Columns j come sorted by class: segment s covers j in [seg_start[s], seg_end[s]) of class
+    seg_class[s]. ``gamma`` bounds the rounding error: |B_ij - exact| <= gamma n_i n_j
+    (``gnorm_j`` = gamma * n_j). Pairs whose sign is ambiguous under that bound are not counted but
+    written to (amb_i, amb_j) for an exact float64 recomputation by the caller. ``diag``: the block
+    is on the diagonal, so only j > i. Adds to sign_sum[c, c'] and pair_count[c, c'] (both orders for
+    c != c', once for c == c'). ``inv_*`` = 1/norm, NaN for zero rows (left out of the cosine).
 
     Returns (n_amb, min_upper, min_cos_upper): upper bounds of the minimum inner product and of the
-    minimum cosine over the block's pairs (cosine only over non-zero rows).
+    minimum cosine over the block's pairs.
     """
-    bi, bj = B.shape
+    bi = B.shape[0]
     cap = amb_i.shape[0]
     n_amb = 0
     min_upper = np.inf
@@ -68,38 +105,54 @@ def pair_block(B, norms_i, norms_j, codes_i, codes_j, gamma, diag, sign_sum, pai
     for i in range(bi):
         ci = codes_i[i]
         ni = norms_i[i]
-        start = i + 1 if diag else 0
-        for j in range(start, bj):
-            cj = codes_j[j]
-            nj = norms_j[j]
-            b = np.float64(B[i, j])
-            e = gamma * ni * nj
-            up = b + e
-            if up < min_upper:
-                min_upper = up
-            if ni > 0.0 and nj > 0.0:
-                cu = up / (ni * nj)
+        ii = inv_i[i]
+        for s in range(seg_start.shape[0]):
+            j0 = seg_start[s]
+            j1 = seg_end[s]
+            if diag and j0 < i + 1:
+                j0 = i + 1
+            if j1 <= j0:
+                continue
+            cj = seg_class[s]
+            pos = 0
+            neg = 0
+            for j in range(j0, j1):
+                b = np.float64(B[i, j])
+                e = ni * gnorm_j[j]
+                up = b + e
+                min_upper = min(min_upper, up)
+                cu = up * ii * inv_j[j]
                 if cu < min_cos_upper:
                     min_cos_upper = cu
-            if gamma > 0.0 and abs(b) <= e and e > 0.0:
-                if n_amb < cap:
-                    amb_i[n_amb] = i
-                    amb_j[n_amb] = j
-                n_amb += 1
-                continue
-            s = 1 if b > 0.0 else (-1 if b < 0.0 else 0)
-            sign_sum[ci, cj] += s
-            pair_count[ci, cj] += 1
+                pos += b > e
+                neg += b < -e
+            amb = (j1 - j0) - pos - neg
+            if amb and gamma > 0.0:
+                for j in range(j0, j1):
+                    b = np.float64(B[i, j])
+                    e = ni * gnorm_j[j]
+                    if not (b > e or b < -e):
+                        if n_amb < cap:
+                            amb_i[n_amb] = i
+                            amb_j[n_amb] = j
+                        n_amb += 1
+                counted = pos + neg
+            else:
+                counted = j1 - j0  # exact zeros (gamma == 0) count with sign 0
+            ssum = pos - neg
+            sign_sum[ci, cj] += ssum
+            pair_count[ci, cj] += counted
             if ci != cj:
-                sign_sum[cj, ci] += s
-                pair_count[cj, ci] += 1
-    return n_amb, min(min_upper, global_min), min_cos_upper
+                sign_sum[cj, ci] += ssum
+                pair_count[cj, ci] += counted
+    return n_amb, min_upper, min_cos_upper
 
 
 @numba.njit(cache=True)
-def min_candidates(B, norms_i, norms_j, gamma, diag, threshold, cos_threshold, cand_i, cand_j):
+def min_candidates(B, norms_i, norms_j, inv_i, inv_j, gamma, diag, threshold, cos_threshold, cand_i, cand_j):
     """Pairs whose lower bound (B - gamma n_i n_j) could beat ``threshold`` (inner product) or
-    ``cos_threshold`` (cosine). Returns how many there are (only the first len(cand_i) are stored)."""
+    ``cos_threshold`` (cosine; computed exactly as in pair_block so that a tie is a hit). Returns how
+    many there are (only the first len(cand_i) are stored)."""
     bi, bj = B.shape
     cap = cand_i.shape[0]
     k = 0
@@ -110,8 +163,8 @@ def min_candidates(B, norms_i, norms_j, gamma, diag, threshold, cos_threshold, c
             nj = norms_j[j]
             lo = np.float64(B[i, j]) - gamma * ni * nj
             hit = lo <= threshold
-            if not hit and ni > 0.0 and nj > 0.0:
-                hit = lo / (ni * nj) <= cos_threshold
+            if not hit:
+                hit = lo * inv_i[i] * inv_j[j] <= cos_threshold
             if hit:
                 if k < cap:
                     cand_i[k] = i
