@@ -110,7 +110,7 @@ def run_extreme_memorization(o: ExtremeMemorizationOptions, out: Path, force: bo
                 model = Mo.build_model("mlp", ds.input_shape, ds.n_classes, hidden=hidden, phi=o.phi,
                                        sigma=float(sigma), seed=o.seed)
             cfg = _cfg(o, epochs=o.epochs, max_steps=o.max_steps, batch_size=o.batch_size, optimizer="sgd", lr=o.lr,
-                       loss=o.loss, stop_train_acc=o.stop_train_acc, align_every=o.align_every)
+                       loss=o.loss, stop_train_acc=o.stop_train_acc, align_every=o.align_every, keep_every=o.keep_every)
             sample = sample_subsets(ds.y_train, ytr, np.zeros(len(ytr), bool), ds.y_test,
                                     n_classes=o.capture_classes, n_per_class=o.capture_per_class, seed=o.seed)
             xs = sample.gather(xtr, xte)

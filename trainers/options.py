@@ -56,6 +56,7 @@ class ExtremeMemorizationOptions(_Common):
     max_steps: int = 0
     stop_train_acc: float = 1.0
     align_every: int = 10
+    keep_every: int = 0  # epoch checkpoints kept every k epochs (0: only init, best, last)
     standardize: bool = True
     capture_classes: int = 10
     capture_per_class: int = 50
