@@ -100,10 +100,10 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {threads} threads"
     print(f"# MLP {args.d_in}->{args.hidden}->{args.classes} no bias, batch {args.batch}, {args.dtype}, "
           f"device {name}, torch {torch.__version__}")
-    print(f"| {'route':40s} | {'time (ms)':>10s} | {'x train step':>12s} | {'x gradient_stats':>16s} |")
-    print(f"|{'-' * 42}|{'-' * 12}|{'-' * 14}|{'-' * 18}|")
+    print(f"| {'route':44s} | {'time (ms)':>10s} | {'x train step':>12s} | {'x gradient_stats':>16s} |")
+    print(f"|{'-' * 46}|{'-' * 12}|{'-' * 14}|{'-' * 18}|")
     for label, t in rows:
-        print(f"| {label:40s} | {t * 1e3:10.1f} | {t / step_t:12.2f} | {t / fast:16.2f} |")
+        print(f"| {label:44s} | {t * 1e3:10.1f} | {t / step_t:12.2f} | {t / fast:16.2f} |")
 
 
 if __name__ == "__main__":
