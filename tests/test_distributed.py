@@ -37,7 +37,7 @@ from geomprobe.synthetic import synthetic_activations  # noqa: E402
 HAS_MFTMA = importlib.util.find_spec("geomprobe.mftma.rows") is not None
 # MFTMA when another engineer's geomprobe.mftma.rows exists; small so that the module stays fast
 OPTIONS = AnalyzeOptions(mftma=HAS_MFTMA, n_t=20, n_reps=2, per_class=8, probes=False)
-DEADLINE_S = 60  # no runner call in this module may wait longer than this
+DEADLINE_S = 120  # no runner call in this module may wait longer than this
 
 
 def _write(path, seed, *, grads=True, compress=False):
