@@ -282,6 +282,8 @@ def test_alignment_logging_calls_gradstats(tmp_path):
     assert "fc1.weight" in align[0]["stats"] and "omega_in_class" in align[0]["stats"]["fc1.weight"]
     ratio = [r for r in recs if r["kind"] == "grad_ratio"]
     assert ratio and ratio[0]["grad_over_weight"]["fc1.weight"] > 0
+    assert set(ratio[0]["rep_omega_in_class"]) == {"act1", "out"}
+    assert -1 <= ratio[0]["rep_omega_in_class"]["act1"] <= 1
 
 
 # -- checkpoints, weight distance, rewinding -----------------------------------------------------

@@ -125,6 +125,8 @@ def run_extreme_memorization(o: ExtremeMemorizationOptions, out: Path, force: bo
             res = train(model, xtr, ytr, xte, ds.y_test, cfg=cfg, out=rdir, force=force, on_epoch=snap,
                         run_info={"experiment": "extreme-memorization", "sigma": sigma, "labels": kind,
                                   "model": o.model, "phi": o.phi, "dataset": o.dataset}, if_done="return")
+            if (rdir / "acts_init.npz").exists():  # written at epoch 0 (also by an earlier, resumed run)
+                files["init"] = str(rdir / "acts_init.npz")
             for which in ("best", "last"):
                 ep = _load_epoch(model, rdir, which)
                 tag = "best" if which == "best" else "final"

@@ -401,6 +401,8 @@ def train(
                     loss.backward()
                     if cfg.align_every and step % cfg.align_every == 0:
                         ratio = {"kind": "grad_ratio", "epoch": epoch, "step": step, "grad_over_weight": _grad_ratios(model)}
+                        if not regression:
+                            ratio["rep_omega_in_class"] = _rep_alignment(model, xb, yb)
                         aligns.append(_jsonable(ratio))
                     opt.step()
                     step += 1
@@ -442,6 +444,24 @@ def _align_record(gs, model, xb, yb, loss_fn, step, epoch) -> dict:
     # gradient_stats runs in eval mode (BatchNorm in train mode couples examples) and restores the mode
     stats = gs.gradient_stats(model, xb.float(), yb, loss_fn, labels=yb)
     return _jsonable({"kind": "align", "epoch": epoch, "step": step, "stats": stats})
+
+
+def _rep_alignment(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> dict[str, float]:
+    """In-class Omega of each captured layer's representations of the batch (eval mode, no grad)."""
+    from geomprobe.alignment import alignment
+
+    from .capture import capture
+
+    was = model.training
+    model.eval()
+    try:
+        with capture(model) as cap, torch.no_grad():
+            model(xb)
+        acts = cap.activations
+    finally:
+        model.train(was)
+    labels = yb.detach().cpu().numpy()
+    return {name: float(alignment(a.reshape(a.shape[0], -1), labels).omega_in_class) for name, a in acts.items()}
 
 
 def _should_stop(cfg: TrainConfig, history: list, step: int) -> str | None:
