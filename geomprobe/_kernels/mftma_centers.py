@@ -1,0 +1,232 @@
+"""MFTMA low-rank center model (spec section 2, step 6): cost, analytic gradient, Riemannian CG.
+
+Y (P x n) holds the mean-subtracted class centers in an orthonormal basis of their span; C = Y Y^T.
+For an orthonormal frame V (n x K) the residual Gram matrix is M = C - (YV)(YV)^T, d = diag(M), and
+
+    cost(V) = 1/2 sum_{a,b} M_ab^2 / (d_a d_b)          (= P/2 + sum_{a<b} cos^2(r_a, r_b))
+
+Euclidean gradient: with W_ab = M_ab / (d_a d_b), u_a = sum_b M_ab^2 / (d_a^2 d_b) and c = Y V,
+    dcost/dV = -2 Y^T (W - diag(u)) c.
+The cost depends on span(V) only (a Grassmann problem); the Riemannian gradient is (I - V V^T) dcost/dV.
+The optimiser is Riemannian conjugate gradient (Polak-Ribiere+, projection transport, sign-fixed QR
+retraction, Armijo back-tracking), i.e. the same method family as the reference's pymanopt CG.
+
+Kernels never raise and run unchanged with NUMBA_DISABLE_JIT=1.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def _residual(C, c):
+    """Full residual Gram matrix M = C - c c^T (used by residual_stats)."""
+    P = C.shape[0]
+    K = c.shape[1]
+    M = np.empty((P, P))
+    for a in range(P):
+        for b in range(a, P):
+            acc = C[a, b]
+            for k in range(K):
+                acc -= c[a, k] * c[b, k]
+            M[a, b] = acc
+            M[b, a] = acc
+    return M
+
+
+@njit(cache=True, nogil=True)
+def _diag_inv(C, c):
+    """1 / d_a with d_a = C_aa - ||c_a||^2; returns (inv_d, ok) with ok False if some d_a <= 0."""
+    P = C.shape[0]
+    K = c.shape[1]
+    inv_d = np.empty(P)
+    ok = True
+    for a in range(P):
+        acc = C[a, a]
+        for k in range(K):
+            acc -= c[a, k] * c[a, k]
+        if acc > 0.0:
+            inv_d[a] = 1.0 / acc
+        else:
+            inv_d[a] = 0.0
+            ok = False
+    return inv_d, ok
+
+
+@njit(cache=True, nogil=True)
+def center_cost(Y, C, V):
+    """cost(V); returns +inf when a residual row vanishes (cosine undefined)."""
+    c = np.dot(Y, V)
+    P = C.shape[0]
+    inv_d, ok = _diag_inv(C, c)
+    if not ok:
+        return np.inf
+    CC = np.dot(c, c.T)
+    f = 0.0
+    for a in range(P):
+        fa = 0.0
+        for b in range(a + 1, P):
+            m = C[a, b] - CC[a, b]
+            fa += m * m * inv_d[b]
+        f += fa * inv_d[a]
+    return 0.5 * P + f
+
+
+@njit(cache=True, nogil=True)
+def center_cost_grad(Y, C, V):
+    """(cost, Euclidean gradient) at V; cost = +inf (gradient zeros) when a residual row vanishes."""
+    c = np.dot(Y, V)
+    P = C.shape[0]
+    inv_d, ok = _diag_inv(C, c)
+    if not ok:
+        return np.inf, np.zeros_like(V)
+    CC = np.dot(c, c.T)
+    Wt = np.empty((P, P))
+    f = 0.0
+    for a in range(P):
+        ua = 0.0
+        ia = inv_d[a]
+        for b in range(P):
+            m = C[a, b] - CC[a, b]
+            w = m * ia * inv_d[b]
+            Wt[a, b] = w
+            ua += w * m
+        # diagonal of W - diag(u): 1/d_a - (sum_b F_ab)/d_a, with F_aa = 1
+        Wt[a, a] = ia - ua * ia
+        f += ua
+    G = -2.0 * np.dot(Y.T, np.dot(Wt, c))
+    return 0.5 * f, G
+
+
+@njit(cache=True, nogil=True)
+def _qr_retract(A):
+    """Orthonormal factor of A by twice-iterated modified Gram-Schmidt (= thin QR with a positive
+    R diagonal): the retraction of the CG steps."""
+    n, K = A.shape
+    Q = A.copy()
+    for k in range(K):
+        for _ in range(2):
+            for j in range(k):
+                dot = 0.0
+                for i in range(n):
+                    dot += Q[i, j] * Q[i, k]
+                for i in range(n):
+                    Q[i, k] -= dot * Q[i, j]
+        nrm = 0.0
+        for i in range(n):
+            nrm += Q[i, k] * Q[i, k]
+        nrm = np.sqrt(nrm)
+        if nrm > 0.0:
+            for i in range(n):
+                Q[i, k] /= nrm
+    return Q
+
+
+@njit(cache=True, nogil=True)
+def _proj(V, X):
+    """Projection of X onto the horizontal space at V: (I - V V^T) X."""
+    return X - np.dot(V, np.dot(V.T, X))
+
+
+@njit(cache=True, nogil=True)
+def fit_frame(Y, C, V0, max_iter, gtol, ftol):
+    """Riemannian CG from V0; returns (V, cost, iterations, final gradient norm).
+
+    Stops when the Riemannian gradient norm is <= gtol, when an iteration lowers the cost by less
+    than ftol (relative), when the line search fails, or after max_iter iterations.
+    Initial trial step: tau_prev * <g_prev, d_prev> / <g, d> (Nocedal & Wright 3.60), Armijo
+    back-tracking from there.
+    """
+    V = V0.copy()
+    f, eg = center_cost_grad(Y, C, V)
+    if not np.isfinite(f):
+        return V, f, 0, np.inf
+    g = _proj(V, eg)
+    gg = np.sum(g * g)
+    d = -g
+    tau_prev = 0.0
+    slope_prev = 0.0
+    it = 0
+    while it < max_iter and np.sqrt(gg) > gtol:
+        it += 1
+        slope = np.sum(g * d)
+        if slope >= 0.0:
+            d = -g
+            slope = -gg
+        dn = np.sqrt(np.sum(d * d))
+        if tau_prev > 0.0:
+            tau = tau_prev * slope_prev / slope
+            if tau * dn > 1.0:
+                tau = 1.0 / dn
+        else:
+            tau = min(1.0, 0.1 / dn)
+        # Armijo back-tracking
+        accepted = False
+        fn = f
+        Vn = V
+        for _ in range(50):
+            Vn = _qr_retract(V + tau * d)
+            fn = center_cost(Y, C, Vn)
+            if fn <= f + 1e-4 * tau * slope:
+                accepted = True
+                break
+            tau *= 0.5
+        if not accepted:
+            break
+        tau_prev = tau
+        fn, egn = center_cost_grad(Y, C, Vn)
+        gn = _proj(Vn, egn)
+        ggn = np.sum(gn * gn)
+        gt = _proj(Vn, g)  # transport of the old gradient
+        beta = np.sum(gn * (gn - gt)) / gg
+        if beta < 0.0:
+            beta = 0.0
+        d = -gn + beta * _proj(Vn, d)
+        slope_prev = slope
+        rel = (f - fn) / (abs(f) + 1e-300)
+        V = Vn
+        f = fn
+        g = gn
+        gg = ggn
+        if rel < ftol:
+            break
+    return V, f, it, np.sqrt(gg)
+
+
+@njit(cache=True, nogil=True)
+def residual_stats(Y, C, V):
+    """(res_coeff, stability, mean norm ratio) of the residual rows of Y after removing span(V).
+
+    res_coeff = mean |off-diagonal cosine|; stability = min_a ||r_a|| / ||Y_a||. res_coeff is NaN
+    when a residual row vanishes.
+    """
+    c = np.dot(Y, V)
+    M = _residual(C, c)
+    P = C.shape[0]
+    stab = np.inf
+    ratio = 0.0
+    bad = False
+    for a in range(P):
+        r = np.sqrt(max(M[a, a], 0.0) / C[a, a])
+        ratio += r
+        if r < stab:
+            stab = r
+        if not M[a, a] > 0.0:
+            bad = True
+    if bad:
+        return np.nan, stab, ratio / P
+    s = 0.0
+    for a in range(P):
+        for b in range(P):
+            if a != b:
+                s += abs(M[a, b]) / np.sqrt(M[a, a] * M[b, b])
+    return s / (P * (P - 1)), stab, ratio / P
+
+
+@njit(cache=True, nogil=True)
+def fit_and_score(Y, C, V0, max_iter, gtol, ftol):
+    """fit_frame then residual_stats: (V, cost, iterations, res_coeff, stability). Releases the GIL."""
+    V, f, it, gn = fit_frame(Y, C, V0, max_iter, gtol, ftol)
+    rc, stab, ratio = residual_stats(Y, C, V)
+    return V, f, it, rc, stab

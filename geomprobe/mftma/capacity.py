@@ -1,0 +1,210 @@
+"""manifold_analysis: MFTMA capacity, radius, dimension, center correlation (spec sections 1-4)."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import ndtr
+
+from .._kernels.mftma_anchors import anchor_metrics, manifold_metrics
+from .._validation import (
+    AnalysisError,
+    InputError,
+    check_choice,
+    check_nonneg_float,
+    check_positive_int,
+    check_seed,
+)
+from ._data import Manifolds, as_manifolds
+from .anchors import SOLVERS, cvxpy_anchors, nnls_max_iter
+from .centers import fit_center_model
+
+
+@dataclass(frozen=True)
+class ManifoldAnalysisResult:
+    """Result of :func:`manifold_analysis`.
+
+    Aggregates: ``capacity`` = 1 / mean_i(1/alpha_i) (the reference's reported alpha_M), ``radius`` =
+    mean R_i, ``dimension`` = mean D_i, ``center_correlation`` = rho_c, ``K`` = shared center
+    directions removed. Per class (in ``classes`` order): ``class_capacity``, ``class_radius``,
+    ``class_dimension``, ``class_sizes`` (points), ``class_D`` (dimension D of the prepared manifold).
+    Diagnostics: ``res_coeff`` (residual center correlation for K = 1, 2, ... as tried; NaN = invalid
+    K), ``max_K`` (after the clamp), ``n_qp`` (QPs solved), ``n_samples`` (P * n_t), ``solver``,
+    ``notes`` (what was clamped or skipped, and why).
+    """
+    capacity: float
+    radius: float
+    dimension: float
+    center_correlation: float
+    K: int
+    classes: np.ndarray
+    class_capacity: np.ndarray
+    class_radius: np.ndarray
+    class_dimension: np.ndarray
+    class_sizes: np.ndarray
+    class_D: np.ndarray
+    res_coeff: np.ndarray
+    max_K: int
+    n_qp: int
+    n_samples: int
+    solver: str
+    kappa: float
+    n_t: int
+    n_reps: int
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def ball_capacity(R, D, kappa: float = 0.0):
+    """Capacity of D-dimensional balls of radius R (Chung et al. 2016; spec section 4, end).
+
+    alpha_Ball = (1 + R^2) / int_{-inf}^{a} Dt (a - t)^2  with  a = kappa + R sqrt(D);
+    the integral is (a^2 + 1) Phi(a) + a phi(a). R = D = 0 gives Gardner's 1 / int_{-inf}^{kappa}.
+    Accepts scalars or broadcastable arrays.
+    """
+    R = np.asarray(R, dtype=float)
+    D = np.asarray(D, dtype=float)
+    kappa = check_nonneg_float(kappa, "kappa")
+    if np.any(~np.isfinite(R)) or np.any(R < 0):
+        raise InputError(f"R must be finite and >= 0, got {R}")
+    if np.any(~np.isfinite(D)) or np.any(D < 0):
+        raise InputError(f"D must be finite and >= 0, got {D}")
+    a = kappa + R * np.sqrt(D)
+    integral = (a * a + 1.0) * ndtr(a) + a * np.exp(-0.5 * a * a) / np.sqrt(2.0 * np.pi)
+    out = (1.0 + R * R) / integral
+    return float(out) if out.ndim == 0 else out
+
+
+def _prepare_one(Xi: np.ndarray, xbar: np.ndarray, V11: np.ndarray) -> np.ndarray:
+    """sD1 of one manifold (spec steps 8-11), in a canonical basis.
+
+    Points are ordered by decreasing norm and S is replaced by the sign-fixed R factor of its QR
+    (R = Q^T S, an isometry of S), so the result does not depend on the order of the points or on a
+    rotation of the features. D = min(N, m) (the reference: m if N > m, else N).
+    """
+    Z = np.asarray(Xi, dtype=np.float64) - xbar           # (m, N): per manifold, never all of X
+    if V11.shape[1]:
+        Z -= (Z @ V11) @ V11.T
+    zbar = Z.mean(axis=0)
+    nrm = float(np.linalg.norm(zbar))
+    if not nrm > 0:
+        return np.empty((0, 0))
+    Z -= zbar
+    Z /= nrm
+    order = np.argsort(-np.einsum("ij,ij->i", Z, Z), kind="stable")
+    S = Z[order]
+    R = np.linalg.qr(S.T, mode="r")                       # (min(N, m), m)
+    sgn = np.where(np.diag(R) < 0, -1.0, 1.0)
+    R *= sgn[:, None]
+    return np.vstack([R, np.ones((1, S.shape[0]))])
+
+
+def _n_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover
+        return max(1, os.cpu_count() or 1)
+
+
+def manifold_analysis(
+    X,
+    labels=None,
+    *,
+    kappa: float = 0.0,
+    n_t: int = 200,
+    n_reps: int = 10,
+    seed=None,
+    solver: str = "fast",
+    K: int | None = None,
+) -> ManifoldAnalysisResult:
+    """Replica mean-field manifold analysis of class manifolds (spec: shared/spec/mftma.md).
+
+    X: (n_samples, n_features) with labels (n_samples,), or a list of per-class (m_i, n_features)
+    arrays (labels=None). kappa >= 0: margin; n_t: Gaussian samples per manifold; n_reps: random
+    restarts per K of the center model; seed: int / Generator / SeedSequence; solver: "fast" (exact
+    active-set NNLS, numba) or "cvxpy" (one QP per sample, reference path); K: None selects K as
+    the reference does (argmin of the residual center correlation), an int fixes it (0 = none).
+
+    Randomness: the seed spawns one stream for the center model and one per manifold (manifolds
+    taken in a canonical order: decreasing distance of their center from the mean center), so
+    results do not depend on the thread count, on the order of the classes or of the points.
+    """
+    kappa = check_nonneg_float(kappa, "kappa")
+    n_t = check_positive_int(n_t, "n_t")
+    n_reps = check_positive_int(n_reps, "n_reps")
+    solver = check_choice(solver, "solver", SOLVERS)
+    if K is not None:
+        K = check_positive_int(K, "K", minimum=0)
+    rng = check_seed(seed)
+    man = as_manifolds(X, labels)
+    return _analyse(man, kappa=kappa, n_t=n_t, n_reps=n_reps, rng=rng, solver=solver, K=K)
+
+
+def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldAnalysisResult:
+    P, N = man.P, man.N
+    notes: list[str] = []
+    # 1. pooled mean and class centers (float64 accumulation, one class at a time)
+    centers = np.empty((P, N))
+    total = np.zeros(N)
+    for i in range(P):
+        Xi = man.get(i)
+        s = Xi.sum(axis=0, dtype=np.float64)
+        total += s
+        centers[i] = s / Xi.shape[0]
+    xbar = total / man.sizes.sum()
+    # canonical manifold order: decreasing distance of the center from the mean center
+    dist = np.linalg.norm(centers - centers.mean(axis=0), axis=1)
+    canon = np.argsort(-dist, kind="stable")
+    entropy = rng.integers(0, 2**63 - 1, size=4, dtype=np.int64)
+    children = np.random.SeedSequence([int(e) for e in entropy]).spawn(P + 1)
+    # 2. center correlation and center model
+    n_threads = _n_threads()
+    cm = fit_center_model(centers[canon], np.random.default_rng(children[0]), n_reps=n_reps, K=K,
+                          n_threads=n_threads)
+    notes.extend(cm.notes)
+    V11 = cm.V11
+    # 3. per-manifold preparation (threads; each manifold independent)
+    with ThreadPoolExecutor(max_workers=min(P, n_threads)) as ex:
+        sd1s = list(ex.map(lambda i: _prepare_one(man.get(i), xbar, V11), canon))
+    for r, s in enumerate(sd1s):
+        if s.size == 0:
+            cls = man.classes[canon[r]]
+            raise AnalysisError(
+                f"class {cls}'s center lies in the removed center subspace (K = {cm.K}): its "
+                "center norm is 0 after the projection, so the manifold cannot be normalised"
+            )
+    # 4. t-vectors (one stream per manifold, canonical rank) and anchors
+    d1s = np.array([s.shape[0] for s in sd1s], dtype=np.int64)
+    ms = np.array([s.shape[1] for s in sd1s], dtype=np.int64)
+    Ts = [np.random.default_rng(children[1 + r]).standard_normal((d1s[r], n_t)) for r in range(P)]
+    out = np.zeros((P, 5))
+    if solver == "fast":
+        cap = nnls_max_iter(int(ms.max()))
+        with ThreadPoolExecutor(max_workers=min(P, n_threads)) as ex:
+            res = list(ex.map(lambda r: manifold_metrics(sd1s[r], Ts[r], kappa, cap), range(P)))
+        out[:] = np.array(res, dtype=float)
+        fails = int(out[:, 4].sum())
+        if fails:
+            raise AnalysisError(
+                f"the active-set anchor solver did not converge on {fails} of {P * n_t} samples "
+                f"(iteration cap {cap})"
+            )
+    else:
+        for r in range(P):
+            anchors, is_qp = cvxpy_anchors(sd1s[r], Ts[r], kappa, manifold=int(man.classes[canon[r]]))
+            out[r, :3] = anchor_metrics(Ts[r], anchors, kappa)
+            out[r, 3] = is_qp.sum()
+    # back to class order
+    inv = np.empty(P, dtype=np.int64)
+    inv[canon] = np.arange(P)
+    alpha, R, D = out[inv, 0], out[inv, 1], out[inv, 2]
+    with np.errstate(divide="ignore"):
+        capacity = float(1.0 / np.mean(1.0 / alpha))
+    return ManifoldAnalysisResult(
+        capacity=capacity, radius=float(R.mean()), dimension=float(D.mean()),
+        center_correlation=cm.rho_c, K=cm.K, classes=man.classes.copy(), class_capacity=alpha,
+        class_radius=R, class_dimension=D, class_sizes=man.sizes.copy(), class_D=(d1s - 1)[inv],
+        res_coeff=cm.res_coeff, max_K=cm.max_K, n_qp=int(out[:, 3].sum()), n_samples=P * n_t,
+        solver=solver, kappa=kappa, n_t=n_t, n_reps=n_reps, notes=tuple(notes),
+    )
