@@ -80,6 +80,11 @@ def _load_epoch(model, out: Path, which) -> int:
     return int(ck["epoch"])
 
 
+def _run_options(o: Any) -> dict:
+    """Options that define a run (device and progress may change when it is resumed)."""
+    return {k: v for k, v in dataclasses.asdict(o).items() if k not in ("device", "progress")}
+
+
 def _fmt(v: float) -> str:
     return f"{v:g}".replace("+", "")
 
@@ -210,7 +215,7 @@ def run_label_noise_geometry(o: LabelNoiseGeometryOptions, out: Path, force: boo
     cfg = _cfg(o, epochs=o.epochs, batch_size=o.batch_size, optimizer=o.optimizer, lr=o.lr,
                stop_train_acc=o.stop_train_acc, keep_every=o.keep_every)
     res = train(model, ds.x_train, noise.train_labels, ds.x_test, ds.y_test, cfg=cfg, out=out / "train", force=force,
-                eval_sets=eval_sets, on_epoch=on_epoch, run_info=dict(meta, options=dataclasses.asdict(o)),
+                eval_sets=eval_sets, on_epoch=on_epoch, run_info=dict(meta, options=_run_options(o)),
                 if_done="return")
     rdir = out / "train"
     for tag, which in (("best", "best"), ("final", "last")):
