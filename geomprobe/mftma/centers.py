@@ -14,9 +14,9 @@ from .._validation import AnalysisError, InputError
 
 #: Riemannian CG settings for the center model (pymanopt's defaults in the reference: gradient norm
 #: 1e-6, at most 1000 iterations).
-CG_MAX_ITER = 200
+CG_MAX_ITER = 1000
 CG_GTOL = 1e-6
-CG_FTOL = 1e-10
+CG_FTOL = 1e-13
 #: A K whose best fit leaves some center with less than this fraction of its norm is invalid
 #: (its residual cosines are undefined; happens for K = P-1, where every center direction is removed).
 MIN_STABILITY = 1e-8
