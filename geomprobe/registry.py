@@ -1,0 +1,65 @@
+"""Every metric that ``geomprobe analyze`` can emit, with its declared properties.
+
+tests/test_common.py checks that every emitted metric is classified here and that the declared
+invariances hold on real output; a new metric that is not classified fails that test.
+
+``better``: "higher" / "lower" / "neither" (a description, not a score). ``scale_invariant``: unchanged
+when every vector of the layer is multiplied by the same c > 0. ``perm_invariant``: unchanged when the
+examples are reordered. ``random``: depends on the seed (MFTMA sampling).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MetricInfo", "METRICS"]
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    description: str
+    better: str = "neither"
+    scale_invariant: bool = True
+    perm_invariant: bool = True
+    random: bool = False
+
+
+def _m(description, **kw):
+    return MetricInfo(description, **kw)
+
+
+METRICS: dict[str, MetricInfo] = {
+    # bookkeeping
+    "n_examples": _m("examples analysed in this layer and subset"),
+    "n_dropped_nonfinite": _m("rows excluded because they held NaN/Inf (--drop-nonfinite)"),
+    "rep_n_classes_skipped": _m("classes with < 2 examples (no per-class Omega)"),
+    "grad_n_classes_skipped": _m("classes with < 2 examples (no per-class Omega)"),
+    # alignment (paper 000)
+    "rep_omega": _m("representation alignment Omega (overall; per class with a class id)", better="higher"),
+    "rep_omega_in_class": _m("mean over classes of the per-class representation Omega", better="higher"),
+    "grad_omega": _m("gradient alignment Omega (overall; per class with a class id)", better="higher"),
+    "grad_omega_in_class": _m("mean over classes of the per-class gradient Omega", better="higher"),
+    "grad_diversity": _m("gradient diversity sum ||g||^2 / ||sum g||^2", better="neither"),
+    "grad_cosine_stiffness": _m("mean pairwise cosine of gradients (overall; within a class with an id)"),
+    "grad_cosine_stiffness_in_class": _m("mean over classes of the within-class cosine stiffness"),
+    "grad_sign_stiffness": _m("mean pairwise sign of gradient inner products"),
+    "grad_sign_stiffness_in_class": _m("mean over classes of the within-class sign stiffness"),
+    "grad_confusion_min_inner": _m("minimum pairwise gradient inner product", better="higher", scale_invariant=False),
+    "grad_confusion_min_cosine": _m("minimum pairwise gradient cosine", better="higher"),
+    # MFTMA (paper 003)
+    "capacity": _m("manifold capacity alpha_M (1/mean(1/alpha_i); per class with an id)", better="higher", random=True),
+    "radius": _m("manifold radius R_M (mean; per class with an id)", better="lower", random=True),
+    "dimension": _m("manifold dimension D_M (mean; per class with an id)", better="lower", random=True),
+    "center_correlation": _m("mean |cos| between class centers (rho_c)", better="lower", random=True),
+    "K": _m("number of shared center directions removed", random=True),
+    "empirical_capacity": _m("simulated capacity P / N_c by bisection", better="higher", random=True),
+    "empirical_Nc": _m("critical projection dimension N_c of the simulated capacity", random=True),
+    # probes (paper 002)
+    "identity_corr": _m("correlation of the prediction with its input (per rho with rho=...)", better="neither"),
+    "identity_corr_std": _m("spread of identity_corr within a rho"),
+    "constant_corr": _m("correlation of the prediction with the training example (per rho)"),
+    "constant_corr_std": _m("spread of constant_corr within a rho"),
+    "n_undefined": _m("probes whose prediction had zero norm (correlation undefined)"),
+    "collapse_error": _m("error of the correlation-weighted averaging classifier on a layer", better="lower"),
+    "collapse_error_baseline": _m("the averaging classifier on the raw inputs", better="lower"),
+    "collapse_chance": _m("chance error 1 - 1/K of the collapse classifier"),
+}
