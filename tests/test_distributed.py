@@ -238,8 +238,9 @@ def test_iter_rows_memory_is_bounded(tmp_path, rng):
     assert peak < 4 * 500 * d * 4  # a few batches, far below the 20 MB layer
 
 
-def test_streamed_rows_match_run_task(files):
-    opts = AnalyzeOptions(mftma=False, pairwise=True, probes=False)
+@pytest.mark.parametrize("mftma", [False, pytest.param(True, marks=pytest.mark.skipif(not HAS_MFTMA, reason="no mftma.rows"))])
+def test_streamed_rows_match_run_task(files, mftma):
+    opts = AnalyzeOptions(mftma=mftma, pairwise=True, probes=False, n_t=20, n_reps=2, per_class=8)
     for t in plan_tasks(files[1:2], opts, scan_values=False):
         whole = run_task(t, opts)
         one_batch = run_task_streamed(t, opts, batch_rows=10_000)

@@ -174,3 +174,45 @@ def test_real_tiny_sweep_locally_and_on_cluster(tmp_path):
     again = run_sweep("label-noise-geometry", base, "seed", ["0", "1"], out=tmp_path / "dask", resume=True,
                       analyze_options=OPTIONS)
     assert [r.reused for r in again.runs] == [True, True] and again.analysis.n_resumed == again.analysis.n_tasks
+
+
+# -- command line ----------------------------------------------------------------------------------
+def _train_args(**kw):
+    import argparse
+
+    base = dict(experiment="fake", preset="tiny", config=None, sets=["epochs=2"], device=None, seed=None,
+                out=None, force=False, quiet=True, sweep="lr=0.1,0.2", scheduler=None, workers=None,
+                threads_per_worker=None, retries=2, stream_batch_rows=None, resume=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_run_sweep_from_args(tmp_path, capsys):
+    from geomprobe.trainers.sweep import run_sweep_from_args
+
+    out = tmp_path / "s"
+    assert run_sweep_from_args(_train_args(quiet=False), out, train_fn=_fake_train()) == 0
+    err = capsys.readouterr().err
+    assert "lr=0.1: done (1 activation file(s))" in err and "lr=0.2: done" in err
+    saved = json.loads((out / "sweep.json").read_text())
+    assert [r["value"] for r in saved["runs"]] == ["0.1", "0.2"] and all(not r["error"] for r in saved["runs"])
+    with pytest.raises(InputError, match=re.escape("give either --scheduler (tcp://x:1) or --workers (2), not both")):
+        run_sweep_from_args(_train_args(scheduler="tcp://x:1", workers=2), tmp_path / "t", train_fn=_fake_train())
+    with pytest.raises(InputError, match=re.escape("--threads-per-worker (2) applies to a local cluster")):
+        run_sweep_from_args(_train_args(threads_per_worker=2), tmp_path / "t", train_fn=_fake_train())
+
+
+@pytest.mark.slow
+def test_cli_train_sweep(tmp_path, capsys):
+    from geomprobe.cli.main import build_parser, main
+
+    try:
+        build_parser().parse_args(["train", "label-noise-geometry", "--sweep", "seed=0,1"])
+    except SystemExit:
+        pytest.skip("cli/train.py has no --sweep yet (see docs/scaling.md)")
+    out = tmp_path / "s"
+    code = main(["train", "label-noise-geometry", "--preset", "tiny", "--device", "cpu", "--quiet", "--out", str(out),
+                 "--sweep", "seed=0,1", "--workers", "2"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "seed=0" / "experiment.json").exists() and (out / "seed=1" / "experiment.json").exists()
+    assert (out / "analysis" / "metrics.json").exists()
