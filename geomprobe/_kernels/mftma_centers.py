@@ -8,8 +8,7 @@ For an orthonormal frame V (n x K) the residual Gram matrix is M = C - (YV)(YV)^
 Euclidean gradient: with W_ab = M_ab / (d_a d_b), u_a = sum_b M_ab^2 / (d_a^2 d_b) and c = Y V,
     dcost/dV = -2 Y^T (W - diag(u)) c.
 The cost depends on span(V) only (a Grassmann problem); the Riemannian gradient is (I - V V^T) dcost/dV.
-The optimiser is Riemannian conjugate gradient (Polak-Ribiere+, projection transport, sign-fixed QR
-retraction, Armijo back-tracking), i.e. the same method family as the reference's pymanopt CG.
+The optimiser is the reference's: Riemannian conjugate gradient as in pymanopt 0.2.5 (see fit_frame).
 
 Kernels never raise and run unchanged with NUMBA_DISABLE_JIT=1.
 """
@@ -130,13 +129,17 @@ def _proj(V, X):
 
 
 @njit(cache=True, nogil=True)
-def fit_frame(Y, C, V0, max_iter, gtol, ftol):
+def fit_frame(Y, C, V0, max_iter, gtol, min_step):
     """Riemannian CG from V0; returns (V, cost, iterations, final gradient norm).
 
-    Stops when the Riemannian gradient norm is <= gtol, when an iteration lowers the cost by less
-    than ftol (relative), when the line search fails, or after max_iter iterations.
-    Initial trial step: tau_prev * <g_prev, d_prev> / <g, d> (Nocedal & Wright 3.60), Armijo
-    back-tracking from there.
+    The reference's optimiser (pymanopt 0.2.5 ConjugateGradient defaults) re-implemented:
+    Hestenes-Stiefel beta clipped at 0 with a steepest-descent restart when d is not a descent
+    direction, projection transport, QR retraction, and pymanopt's adaptive back-tracking line search
+    (first trial step of length 1, sufficient decrease 0.5, contraction 0.5, at most 10 trials; the
+    next trial doubles the accepted step unless it needed one contraction). Where pymanopt stops on a
+    failed line search, we first retry once along -g (fresh step, up to 60 contractions): this
+    makes the fit converge on small problems. Stops when the gradient norm is <= gtol, the step
+    length is < min_step, a retried line search fails, or after max_iter iterations.
     """
     V = V0.copy()
     f, eg = center_cost_grad(Y, C, V)
@@ -145,52 +148,56 @@ def fit_frame(Y, C, V0, max_iter, gtol, ftol):
     g = _proj(V, eg)
     gg = np.sum(g * g)
     d = -g
-    tau_prev = 0.0
-    slope_prev = 0.0
+    old_alpha = -1.0
+    max_trials = 10
     it = 0
     while it < max_iter and np.sqrt(gg) > gtol:
         it += 1
-        slope = np.sum(g * d)
-        if slope >= 0.0:
+        df0 = np.sum(g * d)
+        if df0 >= 0.0:
             d = -g
-            slope = -gg
+            df0 = -gg
         dn = np.sqrt(np.sum(d * d))
-        if tau_prev > 0.0:
-            tau = tau_prev * slope_prev / slope
-            if tau * dn > 1.0:
-                tau = 1.0 / dn
-        else:
-            tau = min(1.0, 0.1 / dn)
-        # Armijo back-tracking
-        accepted = False
-        fn = f
-        Vn = V
-        for _ in range(50):
-            Vn = _qr_retract(V + tau * d)
+        alpha = old_alpha if old_alpha > 0.0 else 1.0 / dn
+        Vn = _qr_retract(V + alpha * d)
+        fn = center_cost(Y, C, Vn)
+        evals = 1
+        while fn > f + 0.5 * alpha * df0 and evals <= max_trials:
+            alpha *= 0.5
+            Vn = _qr_retract(V + alpha * d)
             fn = center_cost(Y, C, Vn)
-            if fn <= f + 1e-4 * tau * slope:
-                accepted = True
+            evals += 1
+        if fn > f:
+            # line search failed: pymanopt stops here; we restart once along -g with a fresh step
+            # and more contractions, and stop only if that fails too
+            if max_trials > 10:
                 break
-            tau *= 0.5
-        if not accepted:
+            d = -g
+            old_alpha = -1.0
+            max_trials = 60
+            continue
+        max_trials = 10
+        step = alpha * dn
+        old_alpha = alpha if evals == 2 else 2.0 * alpha
+        if step < min_step:
             break
-        tau_prev = tau
         fn, egn = center_cost_grad(Y, C, Vn)
         gn = _proj(Vn, egn)
         ggn = np.sum(gn * gn)
-        gt = _proj(Vn, g)  # transport of the old gradient
-        beta = np.sum(gn * (gn - gt)) / gg
-        if beta < 0.0:
-            beta = 0.0
-        d = -gn + beta * _proj(Vn, d)
-        slope_prev = slope
-        rel = (f - fn) / (abs(f) + 1e-300)
+        gt = _proj(Vn, g)          # transported old gradient
+        dt = _proj(Vn, d)          # transported old direction
+        diff = gn - gt
+        den = np.sum(dt * diff)
+        beta = 0.0
+        if den != 0.0:
+            beta = np.sum(gn * diff) / den
+            if beta < 0.0:
+                beta = 0.0
+        d = -gn + beta * dt
         V = Vn
         f = fn
         g = gn
         gg = ggn
-        if rel < ftol:
-            break
     return V, f, it, np.sqrt(gg)
 
 
@@ -225,8 +232,8 @@ def residual_stats(Y, C, V):
 
 
 @njit(cache=True, nogil=True)
-def fit_and_score(Y, C, V0, max_iter, gtol, ftol):
+def fit_and_score(Y, C, V0, max_iter, gtol, min_step):
     """fit_frame then residual_stats: (V, cost, iterations, res_coeff, stability). Releases the GIL."""
-    V, f, it, gn = fit_frame(Y, C, V0, max_iter, gtol, ftol)
+    V, f, it, gn = fit_frame(Y, C, V0, max_iter, gtol, min_step)
     rc, stab, ratio = residual_stats(Y, C, V)
     return V, f, it, rc, stab

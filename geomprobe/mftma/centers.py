@@ -12,11 +12,11 @@ import numpy as np
 from .._kernels.mftma_centers import fit_and_score, residual_stats
 from .._validation import AnalysisError, InputError
 
-#: Riemannian CG settings for the center model (pymanopt's defaults in the reference: gradient norm
-#: 1e-6, at most 1000 iterations).
+#: Riemannian CG settings for the center model (pymanopt's defaults, as in the reference: gradient
+#: norm 1e-6, step length 1e-10, at most 1000 iterations).
 CG_MAX_ITER = 1000
 CG_GTOL = 1e-6
-CG_FTOL = 1e-13
+CG_MIN_STEP = 1e-10
 #: A K whose best fit leaves some center with less than this fraction of its norm is invalid
 #: (its residual cosines are undefined; happens for K = P-1, where every center direction is removed).
 MIN_STABILITY = 1e-8
@@ -67,7 +67,7 @@ def reference_max_k(sv: np.ndarray) -> int:
 
 def fit_center_model(centers: np.ndarray, rng: np.random.Generator, *, n_reps: int = 10,
                      K: int | None = None, max_iter: int = CG_MAX_ITER,
-                     gtol: float = CG_GTOL, ftol: float = CG_FTOL,
+                     gtol: float = CG_GTOL, min_step: float = CG_MIN_STEP,
                      n_threads: int = 1) -> CenterModel:
     """rho_c and the center model of the (P, N) float64 centers (rows in the caller's order).
 
@@ -117,9 +117,9 @@ def fit_center_model(centers: np.ndarray, rng: np.random.Generator, *, n_reps: i
             V0s[r] = _sign_fixed_qr(A)[0]
         if n_threads > 1:
             with ThreadPoolExecutor(max_workers=min(n_threads, n_reps)) as ex:
-                fits = list(ex.map(lambda r: fit_and_score(Y, C, V0s[r], max_iter, gtol, ftol), range(n_reps)))
+                fits = list(ex.map(lambda r: fit_and_score(Y, C, V0s[r], max_iter, gtol, min_step), range(n_reps)))
         else:
-            fits = [fit_and_score(Y, C, V0s[r], max_iter, gtol, ftol) for r in range(n_reps)]
+            fits = [fit_and_score(Y, C, V0s[r], max_iter, gtol, min_step) for r in range(n_reps)]
         out_V = [f[0] for f in fits]
         out_stab = np.array([f[4] for f in fits])
         out_it = np.array([f[2] for f in fits])
