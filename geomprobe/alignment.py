@@ -360,10 +360,11 @@ def pairwise_stats(G, labels=None, *, block_size: int = 2048) -> PairwiseResult:
             cuts = np.flatnonzero(np.diff(cj)) + 1
             seg_start = np.concatenate([[0], cuts]).astype(np.int64)
             seg_end = np.concatenate([cuts, [j1 - j0]]).astype(np.int64)
-            n_amb, up, min_cos_up = _k.pair_block(
-                B, norms[i0:i1], inv[i0:i1], inv[j0:j1], gnorm[j0:j1], codes[i0:i1], seg_start, seg_end,
-                cj[seg_start], gamma, diag, sign_sum, pair_count, buf_i, buf_j,
+            n_amb = _k.pair_block(
+                B, norms[i0:i1], gnorm[j0:j1], codes[i0:i1], seg_start, seg_end, cj[seg_start], gamma, diag,
+                sign_sum, pair_count, buf_i, buf_j,
             )
+            up, min_cos_up = _block_min_bounds(B, norms[i0:i1], norms[j0:j1], inv[i0:i1], inv[j0:j1], gamma, diag)
             if n_amb:
                 I, J = buf_i[:n_amb].copy(), buf_j[:n_amb].copy()
                 exact = _exact_dots(Xi, Xj, I, J)
@@ -415,6 +416,27 @@ def pairwise_stats(G, labels=None, *, block_size: int = 2048) -> PairwiseResult:
         min_cosine_pair=best_cos[1],
         n_rechecked=n_rechecked,
     )
+
+
+def _block_min_bounds(B, ni, nj, inv_i, inv_j, gamma, diag) -> tuple[float, float]:
+    """Upper bounds of the minimum inner product and minimum cosine over a block's pairs, from
+    vectorised row minima (exact float minima plus the rounding bound; the cosine bound adds 1e-6 of
+    slack for the rounding of B * (1/n_j)). Only the number of candidates depends on their tightness."""
+    if diag:
+        if B.shape[0] < 2:
+            return np.inf, np.inf
+        np.fill_diagonal(B, np.inf)  # B is a temporary; a diagonal block's lower triangle repeats pairs
+    rowmin = B.min(axis=1).astype(np.float64)
+    up = float(np.min(rowmin + ni * (gamma * nj.max())))
+    scaled = B * inv_j.astype(B.dtype)[None, :]
+    with np.errstate(invalid="ignore"):
+        cos_rows = np.fmin.reduce(scaled, axis=1).astype(np.float64) * inv_i
+    cos_up = float(np.fmin.reduce(cos_rows)) if cos_rows.size else np.inf
+    if np.isnan(cos_up):
+        cos_up = np.inf
+    else:
+        cos_up += gamma + 1e-6
+    return up, cos_up
 
 
 def _orig_pair(order, a: int, b: int) -> tuple[int, int]:

@@ -83,29 +83,23 @@ def class_sums(X, codes, n_classes, group, S, U, sq_norms):
 
 
 @numba.njit(cache=True)
-def pair_block(B, norms_i, inv_i, inv_j, gnorm_j, codes_i, seg_start, seg_end, seg_class, gamma, diag,
+def pair_block(B, norms_i, gnorm_j, codes_i, seg_start, seg_end, seg_class, gamma, diag,
                sign_sum, pair_count, amb_i, amb_j):
-    """Reduce one Gram block B[i, j] = <x_i, x_j> (computed by BLAS, possibly in float32).
+    """Count the signs of one Gram block B[i, j] = <x_i, x_j> (computed by BLAS, maybe in float32).
 
     Columns j come sorted by class: segment s covers j in [seg_start[s], seg_end[s]) of class
     seg_class[s]. ``gamma`` bounds the rounding error: |B_ij - exact| <= gamma n_i n_j
     (``gnorm_j`` = gamma * n_j). Pairs whose sign is ambiguous under that bound are not counted but
     written to (amb_i, amb_j) for an exact float64 recomputation by the caller. ``diag``: the block
     is on the diagonal, so only j > i. Adds to sign_sum[c, c'] and pair_count[c, c'] (both orders for
-    c != c', once for c == c'). ``inv_*`` = 1/norm, NaN for zero rows (left out of the cosine).
-
-    Returns (n_amb, min_upper, min_cos_upper): upper bounds of the minimum inner product and of the
-    minimum cosine over the block's pairs.
+    c != c', once for c == c'). Returns the number of ambiguous pairs.
     """
     bi = B.shape[0]
     cap = amb_i.shape[0]
     n_amb = 0
-    min_upper = np.inf
-    min_cos_upper = np.inf
     for i in range(bi):
         ci = codes_i[i]
         ni = norms_i[i]
-        ii = inv_i[i]
         for s in range(seg_start.shape[0]):
             j0 = seg_start[s]
             j1 = seg_end[s]
@@ -116,36 +110,38 @@ def pair_block(B, norms_i, inv_i, inv_j, gnorm_j, codes_i, seg_start, seg_end, s
             cj = seg_class[s]
             pos = 0
             neg = 0
-            for j in range(j0, j1):
-                b = np.float64(B[i, j])
-                e = ni * gnorm_j[j]
-                up = b + e
-                min_upper = min(min_upper, up)
-                cu = up * ii * inv_j[j]
-                if cu < min_cos_upper:
-                    min_cos_upper = cu
-                pos += b > e
-                neg += b < -e
-            amb = (j1 - j0) - pos - neg
-            if amb and gamma > 0.0:
-                for j in range(j0, j1):
+            counted = 0
+            for k0 in range(j0, j1, 64):  # sub-chunks: only a chunk holding an ambiguous pair is rescanned
+                k1 = min(j1, k0 + 64)
+                p = 0
+                q = 0
+                for j in range(k0, k1):  # branch-free integer reductions: vectorised by LLVM
                     b = np.float64(B[i, j])
                     e = ni * gnorm_j[j]
-                    if not (b > e or b < -e):
-                        if n_amb < cap:
-                            amb_i[n_amb] = i
-                            amb_j[n_amb] = j
-                        n_amb += 1
-                counted = pos + neg
-            else:
-                counted = j1 - j0  # exact zeros (gamma == 0) count with sign 0
+                    p += b > e
+                    q += b < -e
+                pos += p
+                neg += q
+                amb = (k1 - k0) - p - q
+                if amb and gamma > 0.0:
+                    for j in range(k0, k1):
+                        b = np.float64(B[i, j])
+                        e = ni * gnorm_j[j]
+                        if not (b > e or b < -e):
+                            if n_amb < cap:
+                                amb_i[n_amb] = i
+                                amb_j[n_amb] = j
+                            n_amb += 1
+                    counted += p + q
+                else:
+                    counted += k1 - k0  # exact zeros (gamma == 0) count with sign 0
             ssum = pos - neg
             sign_sum[ci, cj] += ssum
             pair_count[ci, cj] += counted
             if ci != cj:
                 sign_sum[cj, ci] += ssum
                 pair_count[cj, ci] += counted
-    return n_amb, min_upper, min_cos_upper
+    return n_amb
 
 
 @numba.njit(cache=True)
