@@ -268,7 +268,9 @@ def test_config_errors():
     x, y = _toy()
     with pytest.raises(InputError, match="y_train has 59 entries but x_train has 60 rows"):
         train(_mlp(), x, y[:59], cfg=_cfg())
-    with pytest.raises(InputError, match="training diverged: loss is"):
+    from geomprobe.trainers.train import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="training diverged: loss is"):
         train(_mlp(), x * 1e30, y, cfg=_cfg(lr=1e10))
 
 

@@ -33,7 +33,7 @@ from .checkpoint import checkpoint_path, epoch_checkpoints, load_checkpoint, rew
 from .noise import LabelNoise, permute_labels
 from .options import (SPECS, ExtremeMemorizationOptions, IdentityCrisisOptions, LabelNoiseGeometryOptions,
                       NormalizedLossOptions, get_spec, options_for, parse_value)
-from .train import TrainConfig, evaluate, resolve_device, train
+from .train import TrainConfig, TrainingDiverged, evaluate, resolve_device, train
 
 __all__ = ["Experiment", "EXPERIMENTS", "get_experiment", "options_for", "parse_value", "run_experiment"]
 
@@ -59,7 +59,7 @@ def _load(name: str, root: str, *, n_train: int = 0, n_test: int = 0, seed: int 
 
 
 def _cfg(o: Any, **kw: Any) -> TrainConfig:
-    base = dict(seed=o.seed, device=o.device, amp=o.amp, progress=o.progress)
+    base = dict(seed=o.seed, device=o.device, amp=o.amp, channels_last=o.channels_last, progress=o.progress)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -275,6 +275,7 @@ def run_identity_crisis(o: IdentityCrisisOptions, out: Path, force: bool) -> dic
     sample = sample_subsets(ds.y_train, ds.y_train, np.zeros(len(ds.y_train), bool), ds.y_test,
                             n_classes=ds.n_classes, n_per_class=o.collapse_per_class, seed=o.seed)
     coll_x = sample.gather(ds.x_train, ds.x_test)
+    lr = o.lr / float(np.sum(x_hat.astype(np.float64) ** 2)) if o.scale_lr else o.lr
     runs = []
     for name, kind, kw in _ic_models(o, ds.input_shape):
         rdir = out / name
@@ -283,10 +284,14 @@ def run_identity_crisis(o: IdentityCrisisOptions, out: Path, force: bool) -> dic
         w0 = {k: v.clone() for k, v in model.state_dict().items()}
         per_epoch = min(o.steps, 50)
         cfg = _cfg(o, epochs=max(1, math.ceil(o.steps / per_epoch)), repeat=per_epoch, max_steps=o.steps, batch_size=1,
-                   optimizer=o.optimizer, lr=o.lr, momentum=o.momentum, loss="mse",
+                   optimizer=o.optimizer, lr=lr, momentum=o.momentum if o.optimizer == "sgd" else 0.0, loss="mse",
                    stop_train_loss=o.stop_train_loss, keep_every=0)
-        res = train(model, x_hat, x_hat, cfg=cfg, out=rdir, force=force, if_done="return",
-                    run_info={"experiment": "identity-crisis", "model": name, "trainable": o.trainable})
+        try:
+            res = train(model, x_hat, x_hat, cfg=cfg, out=rdir, force=force, if_done="return",
+                        run_info={"experiment": "identity-crisis", "model": name, "trainable": o.trainable})
+        except TrainingDiverged as exc:  # recorded; the other models go on
+            runs.append({"run": name, "diverged": str(exc)})
+            continue
         with torch.no_grad():
             model.eval()
             pred = model(torch.as_tensor(probe_x)).numpy()
@@ -355,8 +360,12 @@ def run_normalized_loss(o: NormalizedLossOptions, out: Path, force: bool) -> dic
         cfg = _cfg(o, epochs=o.epochs, batch_size=o.batch_size, optimizer="sgd", lr=o.lr,
                    lr_milestones=list(o.lr_milestones), stop_train_acc=o.stop_train_acc, keep_every=0)
         rdir = out / name
-        res = train(model, xtr, ytr, xte, yte, cfg=cfg, out=rdir, force=force, if_done="return",
-                    run_info={"experiment": "normalized-loss", "init_std": std, "random_labels": random_labels})
+        try:
+            res = train(model, xtr, ytr, xte, yte, cfg=cfg, out=rdir, force=force, if_done="return",
+                        run_info={"experiment": "normalized-loss", "init_std": std, "random_labels": random_labels})
+        except TrainingDiverged as exc:  # recorded; the other nets go on
+            rows.append({"net": name, "init_std": std, "random_labels": random_labels, "diverged": str(exc)})
+            continue
         _load_epoch(model, rdir, "last")
         model.to(device)
         tr, te = _normalized(model, xtr, ytr, device), _normalized(model, xte, yte, device)
@@ -371,7 +380,7 @@ def run_normalized_loss(o: NormalizedLossOptions, out: Path, force: bool) -> dic
         _write_acts(out / f"acts_{name}.npz", model, sample.gather(xtr, xte), sample.labels, split=sample.split,
                     meta={"experiment": "normalized-loss", "net": name, **{k: v for k, v in row.items() if k != "net"}})
         rows.append(row)
-    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    lines = "".join(json.dumps(r) + "\n" for r in rows if "diverged" not in r)
     atomic_write_text(out / "normalized_loss.jsonl", lines)
     return {"nets": rows}
 

@@ -35,7 +35,8 @@ class _Common:
     seed: int = 0
     device: str = "auto"
     data_root: str = ""
-    amp: bool = False
+    amp: bool = False  # bfloat16 autocast on CUDA
+    channels_last: bool = False  # channels-last memory format for conv nets on CUDA
     progress: str = "auto"
 
 
@@ -106,7 +107,8 @@ class IdentityCrisisOptions(_Common):
     conv_channels: int = 128
     trainable: str = "all"  # all | top | bottom
     optimizer: str = "sgd"
-    lr: float = 0.01
+    lr: float = 0.1
+    scale_lr: bool = True  # the step size is lr / ||x_hat||^2 (GD on 0.5 ||f(x) - x||^2 is then stable)
     momentum: float = 0.9
     steps: int = 2000
     stop_train_loss: float = 1e-6
@@ -174,9 +176,9 @@ SPECS: dict[str, ExperimentSpec] = {
         IdentityCrisisOptions,
         {
             "tiny": dict(dataset="digits", fcn_hidden=[1, 3], fcn_widths=[128], conv_depths=[1, 3], conv_channels=8,
-                         steps=30, lr=0.01, rho=[0.0, 0.5, 1.0], n_per_rho=3, collapse_per_class=5),
+                         steps=30, rho=[0.0, 0.5, 1.0], n_per_rho=3, collapse_per_class=5),
             "small": dict(dataset="fashion-mnist", fcn_hidden=[1, 3, 5, 9], fcn_widths=[784], conv_depths=[1, 3, 5, 8],
-                          conv_channels=32, steps=300, lr=0.01, collapse_per_class=20),
+                          conv_channels=32, steps=300, collapse_per_class=20),
             "paper": dict(dataset="mnist", fcn_hidden=[1, 3, 5, 9], fcn_widths=[784, 2048],
                           conv_depths=[1, 2, 3, 5, 8, 14, 20], conv_channels=128, steps=5000),
         },
@@ -190,9 +192,9 @@ SPECS: dict[str, ExperimentSpec] = {
             "tiny": dict(dataset="digits", n_train=200, n_test=100, channels=8, init_stds=[0.01, 0.1],
                          random_label_std=0.1, epochs=3, batch_size=32, lr=0.05, lr_milestones=[],
                          capture_per_class=5),
-            "small": dict(dataset="fashion-mnist", n_train=3000, n_test=1000, channels=32,
-                          init_stds=[0.01, 0.03, 0.05, 0.07, 0.1, 0.14], random_label_std=0.1, epochs=60,
-                          lr=0.01, lr_milestones=[40]),
+            "small": dict(dataset="fashion-mnist", n_train=500, n_test=1000, channels=64,
+                          init_stds=[0.01, 0.03, 0.05, 0.1], random_label_std=0.1, epochs=100, batch_size=32,
+                          lr=0.05, lr_milestones=[70]),
             "paper": dict(dataset="cifar10", epochs=200, lr_milestones=[100]),
         },
     ),

@@ -31,12 +31,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from geomprobe._validation import InputError, check_choice
+from geomprobe._validation import AnalysisError, InputError, check_choice
 from geomprobe.io import atomic_write_text
 
 from .checkpoint import checkpoint_path, load_checkpoint, relative_weight_distance, save_checkpoint
 
-__all__ = ["TrainConfig", "TrainResult", "train", "make_loss", "evaluate", "resolve_device", "LOSSES"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "make_loss", "evaluate", "resolve_device", "LOSSES"]
 
 LOSSES = ("ce", "hinge", "squared", "mse")
 
@@ -83,6 +83,10 @@ class TrainConfig:
                 raise InputError(f"{k} must be an integer >= 0, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"lr must be a number > 0, got {self.lr!r}")
+
+
+class TrainingDiverged(AnalysisError):
+    """The loss became NaN or Inf (CLI exit code 1); lower the learning rate."""
 
 
 @dataclass
@@ -395,7 +399,7 @@ def train(
                         z = model(xb)
                     loss = loss_fn(z.float(), yb)
                     if not torch.isfinite(loss):
-                        raise InputError(f"training diverged: loss is {float(loss.detach())} at step {step} (epoch {epoch}); "
+                        raise TrainingDiverged(f"training diverged: loss is {float(loss.detach())} at step {step} (epoch {epoch}); "
                                          f"lower lr (now {lr})")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
