@@ -14,6 +14,15 @@ from .alignment import (
     sign_stiffness,
 )
 from .io import ActivationFile, open_activations, save_activations
+from .mftma import (
+    AnchorResult,
+    EmpiricalCapacityResult,
+    ManifoldAnalysisResult,
+    anchor_points,
+    ball_capacity,
+    empirical_capacity,
+    manifold_analysis,
+)
 from .probes import (
     averaging_classifier,
     frobenius_norm_product,
@@ -32,6 +41,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationFile",
+    "AnchorResult",
+    "EmpiricalCapacityResult",
+    "ManifoldAnalysisResult",
+    "anchor_points",
+    "ball_capacity",
+    "empirical_capacity",
+    "manifold_analysis",
     "AlignmentAccumulator",
     "AnalysisError",
     "GeomprobeError",
