@@ -1,0 +1,50 @@
+"""``geomprobe report DIR``: rebuild a run's summary and report from its saved results (no training).
+
+Thin: check DIR, call geomprobe.trainers.report.build_report, print the effects. matplotlib (and
+umap-learn for the UMAP figure) are imported only when the command runs.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from geomprobe._validation import InputError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="rebuild summary.json and the report (effects table + figures) of a `geomprobe train` run",
+        description="Measure the experiment's effects from the artefacts a `geomprobe train` run left in DIR "
+        "(writes DIR/summary.json) and draw the figures and DIR/report/report.md. Nothing is retrained; "
+        "an existing summary.json is reused unless --resummarize.",
+    )
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="output folder(s) of `geomprobe train`")
+    p.add_argument("--resummarize", action="store_true",
+                   help="measure the effects again (re-reading the cached analysis in DIR/analysis)")
+    p.add_argument("--no-umap", action="store_true", help="skip the UMAP figure (the slowest)")
+    p.add_argument("--quiet", action="store_true", help="print only the report paths")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    for d in args.dirs:
+        if not (Path(d) / "experiment.json").is_file():
+            raise InputError(f"{d}: no experiment.json (not a `geomprobe train` output folder)")
+    try:
+        from geomprobe.trainers.report import build_report
+    except ModuleNotFoundError as exc:
+        if exc.name == "matplotlib":
+            raise InputError("geomprobe report needs matplotlib: pip install 'geomprobe[report]'") from None
+        raise
+    for d in args.dirs:
+        path = build_report(d, resummarize=args.resummarize, umap=not args.no_umap, quiet=args.quiet)
+        if not args.quiet:
+            from geomprobe.trainers.effects import load_summary
+
+            s = load_summary(d)
+            print(f"{s['experiment']} ({s['preset']}, seed {s['seed']}): {s['n_passed']}/{s['n_effects']} effects shown")
+            for e in s["effects"]:
+                print(f"  [{'x' if e['passed'] else ' '}] {e['name']}")
+        print(f"report: {path}")
+    return 0
