@@ -47,6 +47,20 @@ def _write(path, seed, *, grads=True, compress=False):
     return str(save_activations(path, **kw, grads={"layer2": {"w": g}} if grads else None, compress=compress))
 
 
+@pytest.fixture(autouse=True)
+def _blas_one_thread():
+    """In-process analyses at 1 BLAS thread, as on the workers: MFTMA's thread pool over multi-threaded
+    BLAS thrashes on 2 busy cores (docs/performance.md). Restored after each test. (The module's
+    ``local_report`` is computed before this applies: it is the plain local run, default threads.)"""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("acts")

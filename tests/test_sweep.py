@@ -18,6 +18,20 @@ OPTIONS = AnalyzeOptions(mftma=False, probes=False)
 DEADLINE_S = 120
 
 
+@pytest.fixture(autouse=True)
+def _blas_one_thread():
+    """In-process analyses at 1 BLAS thread, as on the workers: MFTMA's thread pool over multi-threaded
+    BLAS thrashes on 2 busy cores (docs/performance.md). Restored after each test. (The module's
+    ``local_report`` is computed before this applies: it is the plain local run, default threads.)"""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def _fake_train(calls_dir=None, fail=None, kill_once=None):
     """A picklable (closure) training function: writes acts_final.npz from a seed derived from the
     value; records each call in calls_dir; raises for ``fail`` values; kills its worker process the
