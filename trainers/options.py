@@ -192,7 +192,7 @@ SPECS: dict[str, ExperimentSpec] = {
             "tiny": dict(dataset="digits", n_train=200, n_test=100, channels=8, init_stds=[0.01, 0.1],
                          random_label_std=0.1, epochs=3, batch_size=32, lr=0.05, lr_milestones=[],
                          capture_per_class=5),
-            "small": dict(dataset="fashion-mnist", n_train=500, n_test=1000, channels=64,
+            "small": dict(dataset="fashion-mnist", n_train=500, n_test=500, channels=64,
                           init_stds=[0.01, 0.03, 0.05, 0.1], random_label_std=0.1, epochs=100, batch_size=32,
                           lr=0.05, lr_milestones=[70]),
             "paper": dict(dataset="cifar10", epochs=200, lr_milestones=[100]),
