@@ -129,7 +129,7 @@ def _proj(V, X):
 
 
 @njit(cache=True, nogil=True)
-def fit_frame(Y, C, V0, max_iter, gtol, min_step):
+def fit_frame(Y, C, V0, max_iter, gtol, min_step, exact=False):
     """Riemannian CG from V0; returns (V, cost, iterations, final gradient norm).
 
     The reference's optimiser (pymanopt 0.2.5 ConjugateGradient defaults) re-implemented:
@@ -140,6 +140,10 @@ def fit_frame(Y, C, V0, max_iter, gtol, min_step):
     failed line search, we first retry once along -g (fresh step, up to 60 contractions): this
     makes the fit converge on small problems. Stops when the gradient norm is <= gtol, the step
     length is < min_step, a retried line search fails, or after max_iter iterations.
+
+    exact=True follows pymanopt 0.2.5 to the letter (seed_mode="reference"): no retry (a failed line
+    search ends the fit at the current point), a step shorter than min_step is taken before
+    stopping, and at most max_iter - 1 iterations (pymanopt tests iter + 1 >= maxiter).
     """
     V = V0.copy()
     f, eg = center_cost_grad(Y, C, V)
@@ -151,7 +155,8 @@ def fit_frame(Y, C, V0, max_iter, gtol, min_step):
     old_alpha = -1.0
     max_trials = 10
     it = 0
-    while it < max_iter and np.sqrt(gg) > gtol:
+    last_it = max_iter - 1 if exact else max_iter
+    while it < last_it and np.sqrt(gg) > gtol:
         it += 1
         df0 = np.sum(g * d)
         if df0 >= 0.0:
@@ -170,7 +175,7 @@ def fit_frame(Y, C, V0, max_iter, gtol, min_step):
         if fn > f:
             # line search failed: pymanopt stops here; we restart once along -g with a fresh step
             # and more contractions, and stop only if that fails too
-            if max_trials > 10:
+            if exact or max_trials > 10:
                 break
             d = -g
             old_alpha = -1.0
@@ -179,7 +184,7 @@ def fit_frame(Y, C, V0, max_iter, gtol, min_step):
         max_trials = 10
         step = alpha * dn
         old_alpha = alpha if evals == 2 else 2.0 * alpha
-        if step < min_step:
+        if step < min_step and not exact:
             break
         fn, egn = center_cost_grad(Y, C, Vn)
         gn = _proj(Vn, egn)
@@ -198,6 +203,8 @@ def fit_frame(Y, C, V0, max_iter, gtol, min_step):
         f = fn
         g = gn
         gg = ggn
+        if step < min_step:   # exact: pymanopt takes the short step, then stops
+            break
     return V, f, it, np.sqrt(gg)
 
 
@@ -232,8 +239,8 @@ def residual_stats(Y, C, V):
 
 
 @njit(cache=True, nogil=True)
-def fit_and_score(Y, C, V0, max_iter, gtol, min_step):
+def fit_and_score(Y, C, V0, max_iter, gtol, min_step, exact=False):
     """fit_frame then residual_stats: (V, cost, iterations, res_coeff, stability). Releases the GIL."""
-    V, f, it, gn = fit_frame(Y, C, V0, max_iter, gtol, min_step)
+    V, f, it, gn = fit_frame(Y, C, V0, max_iter, gtol, min_step, exact)
     rc, stab, ratio = residual_stats(Y, C, V)
     return V, f, it, rc, stab

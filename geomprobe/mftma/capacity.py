@@ -5,7 +5,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numbers
+
 import numpy as np
+import scipy.linalg
 from scipy.special import ndtr
 
 from .._kernels.mftma_anchors import anchor_metrics, manifold_metrics
@@ -100,6 +103,29 @@ def _prepare_one(Xi: np.ndarray, xbar: np.ndarray, V11: np.ndarray) -> np.ndarra
     return np.vstack([R, np.ones((1, S.shape[0]))])
 
 
+def _prepare_reference(Xi: np.ndarray, xbar: np.ndarray, V11: np.ndarray) -> np.ndarray:
+    """sD1 of one manifold exactly as the reference builds it (seed_mode="reference").
+
+    Points in their given order, features in the given basis: S (N, m); if N > m, S is replaced by
+    Q^T S with Q from scipy's economic QR of S (no sign fixing), so D = m; else D = N.
+    """
+    Z = np.asarray(Xi, dtype=np.float64) - xbar           # (m, N)
+    if V11.shape[1]:
+        Z -= (Z @ V11) @ V11.T
+    zbar = Z.mean(axis=0)
+    nrm = float(np.linalg.norm(zbar))
+    if not nrm > 0:
+        return np.empty((0, 0))
+    S = ((Z - zbar) / nrm).T                              # (N, m)
+    if S.shape[0] > S.shape[1]:
+        Qs = scipy.linalg.qr(S, mode="economic")[0]
+        S = Qs.T @ S
+    return np.vstack([S, np.ones((1, S.shape[1]))])
+
+
+SEED_MODES = ("spawn", "reference")
+
+
 def _n_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -117,6 +143,7 @@ def manifold_analysis(
     seed=None,
     solver: str = "fast",
     K: int | None = None,
+    seed_mode: str = "spawn",
 ) -> ManifoldAnalysisResult:
     """Replica mean-field manifold analysis of class manifolds (spec: shared/spec/mftma.md).
 
@@ -126,9 +153,15 @@ def manifold_analysis(
     active-set NNLS, numba) or "cvxpy" (one QP per sample, reference path); K: None selects K as
     the reference does (argmin of the residual center correlation), an int fixes it (0 = none).
 
-    Randomness: the seed spawns one stream for the center model and one per manifold (manifolds
-    taken in a canonical order: decreasing distance of their center from the mean center), so
-    results do not depend on the thread count, on the order of the classes or of the points.
+    Randomness: seed_mode="spawn" (default): the seed spawns one stream for the center model and
+    one per manifold (manifolds taken in a canonical order: decreasing distance of their center from
+    the mean center), so results do not depend on the thread count, on the order of the classes or
+    of the points. seed_mode="reference": seed must be an int in [0, 2**32); a local
+    ``np.random.RandomState(seed)`` is consumed exactly as the reference consumes numpy's global RNG
+    after ``np.random.seed(seed)`` (center-model starts, then each manifold's t-vectors in class
+    order), with the reference's bases and its optimiser to the letter, so the t-vectors equal the
+    reference's and the results match it to rounding; results then depend on class and point order
+    (as the reference's do), not on the thread count. The global RNG is never touched.
     """
     kappa = check_nonneg_float(kappa, "kappa")
     n_t = check_positive_int(n_t, "n_t")
@@ -136,12 +169,23 @@ def manifold_analysis(
     solver = check_choice(solver, "solver", SOLVERS)
     if K is not None:
         K = check_positive_int(K, "K", minimum=0)
-    rng = check_seed(seed)
+    seed_mode = check_choice(seed_mode, "seed_mode", SEED_MODES)
+    if seed_mode == "reference":
+        if (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral)
+                or not 0 <= int(seed) < 2**32):
+            raise InputError(
+                f"seed must be an integer in [0, 2**32) with seed_mode='reference' (it seeds a "
+                f"legacy numpy RandomState, as np.random.seed does in the reference), got {seed!r}"
+            )
+        rng = np.random.RandomState(int(seed))
+    else:
+        rng = check_seed(seed)
     man = as_manifolds(X, labels)
     return _analyse(man, kappa=kappa, n_t=n_t, n_reps=n_reps, rng=rng, solver=solver, K=K)
 
 
 def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldAnalysisResult:
+    reference = isinstance(rng, np.random.RandomState)
     P, N = man.P, man.N
     notes: list[str] = []
     # 1. pooled mean and class centers (float64 accumulation, one class at a time)
@@ -155,18 +199,23 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
     xbar = total / man.sizes.sum()
     # canonical manifold order: decreasing distance of the center from the mean center
     dist = np.linalg.norm(centers - centers.mean(axis=0), axis=1)
-    canon = np.argsort(-dist, kind="stable")
-    entropy = rng.integers(0, 2**63 - 1, size=4, dtype=np.int64)
-    children = np.random.SeedSequence([int(e) for e in entropy]).spawn(P + 1)
+    if reference:   # the reference's order and one legacy stream for everything
+        canon = np.arange(P)
+        cm_rng = rng
+    else:
+        canon = np.argsort(-dist, kind="stable")
+        entropy = rng.integers(0, 2**63 - 1, size=4, dtype=np.int64)
+        children = np.random.SeedSequence([int(e) for e in entropy]).spawn(P + 1)
+        cm_rng = np.random.default_rng(children[0])
     # 2. center correlation and center model
     n_threads = _n_threads()
-    cm = fit_center_model(centers[canon], np.random.default_rng(children[0]), n_reps=n_reps, K=K,
-                          n_threads=n_threads)
+    cm = fit_center_model(centers[canon], cm_rng, n_reps=n_reps, K=K, n_threads=n_threads)
     notes.extend(cm.notes)
     V11 = cm.V11
     # 3. per-manifold preparation (threads; each manifold independent)
     with ThreadPoolExecutor(max_workers=min(P, n_threads)) as ex:
-        sd1s = list(ex.map(lambda i: _prepare_one(man.get(i), xbar, V11), canon))
+        prep = _prepare_reference if reference else _prepare_one
+        sd1s = list(ex.map(lambda i: prep(man.get(i), xbar, V11), canon))
     for r, s in enumerate(sd1s):
         if s.size == 0:
             cls = man.classes[canon[r]]
@@ -177,7 +226,10 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
     # 4. t-vectors (one stream per manifold, canonical rank) and anchors
     d1s = np.array([s.shape[0] for s in sd1s], dtype=np.int64)
     ms = np.array([s.shape[1] for s in sd1s], dtype=np.int64)
-    Ts = [np.random.default_rng(children[1 + r]).standard_normal((d1s[r], n_t)) for r in range(P)]
+    if reference:   # the reference's randn(D+1, n_t) per manifold, in class order
+        Ts = [rng.randn(d1s[r], n_t) for r in range(P)]
+    else:
+        Ts = [np.random.default_rng(children[1 + r]).standard_normal((d1s[r], n_t)) for r in range(P)]
     out = np.zeros((P, 5))
     if solver == "fast":
         cap = nnls_max_iter(int(ms.max()))

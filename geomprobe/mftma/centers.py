@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.linalg
 
 from .._kernels.mftma_centers import fit_and_score, residual_stats
 from .._validation import AnalysisError, InputError
@@ -44,16 +45,24 @@ def _sign_fixed_qr(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return Q * sgn, R * sgn[:, None]
 
 
-def center_basis(centers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def center_basis(centers: np.ndarray, *, reference: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(Y, Q, singular values): Y (P, n) = the mean-subtracted centers in the orthonormal basis Q (N, n).
 
     n = min(P-1, N). Spec steps 3 and 5: Y = (C - cbar)^T Q, via the economic QR of C - cbar.
+    reference=True: the reference's basis exactly (scipy's economic QR without sign fixing,
+    Y = (C - cbar) Q), so that its random Stiefel starts mean the same frames.
     """
     P, N = centers.shape
     Xb = centers - centers.mean(axis=0)
+    n = min(P - 1, N)
+    if reference:
+        Q, R = scipy.linalg.qr(Xb.T, mode="economic")
+        sv = np.linalg.svd(R, compute_uv=False)
+        Q = Q[:, :n]
+        return np.ascontiguousarray(Xb @ Q), np.ascontiguousarray(Q), sv
     Q, R = _sign_fixed_qr(Xb.T)                      # Q (N, min(N,P)), R (min(N,P), P)
     sv = np.linalg.svd(R, compute_uv=False)
-    n = min(P - 1, N)
     return np.ascontiguousarray(R[:n].T), np.ascontiguousarray(Q[:, :n]), sv
 
 
@@ -65,17 +74,26 @@ def reference_max_k(sv: np.ndarray) -> int:
     return int(np.argmax(vals)) + 11
 
 
-def fit_center_model(centers: np.ndarray, rng: np.random.Generator, *, n_reps: int = 10,
-                     K: int | None = None, max_iter: int = CG_MAX_ITER,
+def fit_center_model(centers: np.ndarray, rng: np.random.Generator | np.random.RandomState, *,
+                     n_reps: int = 10, K: int | None = None, max_iter: int = CG_MAX_ITER,
                      gtol: float = CG_GTOL, min_step: float = CG_MIN_STEP,
                      n_threads: int = 1) -> CenterModel:
     """rho_c and the center model of the (P, N) float64 centers (rows in the caller's order).
 
     K=None selects K = argmin res_coeff over K = 1..maxK (reference rule: best-stability rep per K,
     early stop after three strict increases); an int fixes K (0 = remove nothing).
+
+    rng a Generator: starts s^T Y plus the previous K's frame (one block of normals drawn up front).
+    rng a legacy RandomState (seed_mode="reference"): the reference's draws and starts exactly. For
+    each K tried and each rep it draws randn(P, 1) (the reference's s, whose start it then discards)
+    and randn(n, K), whose unsigned QR factor is the start (pymanopt 0.2.5's Stiefel.rand(), as
+    ConjugateGradient.solve is called without a start); basis as in the reference; CG exactly as
+    pymanopt's; K = 1, 2, ... until the early stop (or maxK) even when K is fixed (then at least to
+    K), so the draws after the fit are the reference's.
     """
     P, N = centers.shape
-    Y, Q, sv = center_basis(centers)
+    reference = isinstance(rng, np.random.RandomState)
+    Y, Q, sv = center_basis(centers, reference=reference)
     n = Y.shape[1]
     C = Y @ Y.T
     norms = np.sqrt(np.diag(C))
@@ -96,8 +114,11 @@ def fit_center_model(centers: np.ndarray, rng: np.random.Generator, *, n_reps: i
         raise InputError(
             f"K must be between 0 and {n} (P = {P} classes, N = {N} features), got {K}"
         )
-    last = max_k if K is None else K
-    starts = rng.standard_normal((max(last, 1), n_reps, P))
+    last = max_k if (K is None or reference) else K
+    if reference and K is not None and K > last:
+        last = K
+    if not reference:
+        starts = rng.standard_normal((max(last, 1), n_reps, P))
     res, stab, ratio, frames = [], [], [], []
     n_fits = 0
     iters = 0
@@ -113,13 +134,19 @@ def fit_center_model(centers: np.ndarray, rng: np.random.Generator, *, n_reps: i
             break
         V0s = np.empty((n_reps, n, k))
         for r in range(n_reps):
-            A = np.concatenate([(starts[k - 1, r] @ Y)[:, None], Vprev], axis=1)
-            V0s[r] = _sign_fixed_qr(A)[0]
+            if reference:
+                rng.randn(P, 1)                           # the reference's unused s
+                V0s[r] = np.linalg.qr(rng.randn(n, k))[0]  # pymanopt Stiefel(n, k).rand()
+            else:
+                A = np.concatenate([(starts[k - 1, r] @ Y)[:, None], Vprev], axis=1)
+                V0s[r] = _sign_fixed_qr(A)[0]
         if n_threads > 1:
             with ThreadPoolExecutor(max_workers=min(n_threads, n_reps)) as ex:
-                fits = list(ex.map(lambda r: fit_and_score(Y, C, V0s[r], max_iter, gtol, min_step), range(n_reps)))
+                fits = list(ex.map(lambda r: fit_and_score(Y, C, V0s[r], max_iter, gtol, min_step,
+                                                           reference), range(n_reps)))
         else:
-            fits = [fit_and_score(Y, C, V0s[r], max_iter, gtol, min_step) for r in range(n_reps)]
+            fits = [fit_and_score(Y, C, V0s[r], max_iter, gtol, min_step, reference)
+                    for r in range(n_reps)]
         out_V = [f[0] for f in fits]
         out_stab = np.array([f[4] for f in fits])
         out_it = np.array([f[2] for f in fits])
@@ -146,7 +173,8 @@ def fit_center_model(centers: np.ndarray, rng: np.random.Generator, *, n_reps: i
         ratio.append(nr)
         frames.append(V)
         Vprev = V
-        if K is None and k > 4 and res[k - 1] > res[k - 2] > res[k - 3] > res[k - 4]:
+        if ((K is None or (reference and k >= K)) and k > 4
+                and res[k - 1] > res[k - 2] > res[k - 3] > res[k - 4]):
             break
     res_arr = np.array(res, dtype=float)
     if K is None:
@@ -157,7 +185,7 @@ def fit_center_model(centers: np.ndarray, rng: np.random.Generator, *, n_reps: i
             K_sel = int(np.nanargmin(res_arr)) + 1
     else:
         K_sel = K
-        if K > 0 and frames[K - 1] is None:
+        if K > 0 and (K > len(frames) or frames[K - 1] is None):
             raise AnalysisError(
                 f"K = {K} is not usable for these centers: fitting it removes a center entirely "
                 f"(P = {P}, center rank {n})"

@@ -20,6 +20,7 @@ def mftma_rows(
     max_classes: int | None = None,
     empirical: bool = False,
     solver: str = "fast",
+    seed_mode: str = "spawn",
 ) -> tuple[list[tuple[str, object, float]], list[str]]:
     """MFTMA metrics as rows (metric, class_id or None, value) plus human-readable notes.
 
@@ -28,7 +29,8 @@ def mftma_rows(
     ``max_classes``: seeded choice of that many classes (None = all). ``per_class``: seeded
     subsample of that many examples per class (None = all; smaller classes are kept whole).
     Classes of size 1 are kept (point manifolds are valid: capacity ~ 2, radius = dimension = 0);
-    fewer than 2 classes is an InputError. All randomness comes from ``rng``.
+    fewer than 2 classes is an InputError. All randomness comes from ``rng``. ``seed_mode`` is passed
+    to :func:`manifold_analysis` ("reference": its seed is the drawn seed modulo 2**32).
     """
     X = check_matrix(X, "X")
     labels = check_labels(labels, X.shape[0])
@@ -62,7 +64,9 @@ def mftma_rows(
     Xs = [X[idx] for idx in rows_idx]
     ids = classes[chosen]
     seed_ma, seed_emp = rng.integers(0, 2**63 - 1, size=2)
-    res = manifold_analysis(Xs, kappa=kappa, n_t=n_t, n_reps=n_reps, seed=int(seed_ma), solver=solver)
+    seed_ma = int(seed_ma) % 2**32 if seed_mode == "reference" else int(seed_ma)
+    res = manifold_analysis(Xs, kappa=kappa, n_t=n_t, n_reps=n_reps, seed=seed_ma, solver=solver,
+                            seed_mode=seed_mode)
     notes.extend(f"MFTMA: {n}" for n in res.notes)
     rows: list[tuple[str, object, float]] = [
         ("capacity", None, res.capacity),
