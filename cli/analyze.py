@@ -74,7 +74,7 @@ def options_from_args(args) -> AnalyzeOptions:
 def run(args) -> int:
     options = options_from_args(args)
     runner = None
-    if getattr(args, "scheduler", None) or getattr(args, "workers", None):
+    if hasattr(args, "scheduler"):  # runner_from_args returns None when no cluster/stream option is given
         from geomprobe.distributed import runner_from_args
 
         runner = runner_from_args(args)

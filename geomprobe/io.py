@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import InputError, check_finite, describe_shape
+from ._validation import InputError, describe_shape
 from ._validation import check_positive_int
 
 __all__ = [
@@ -106,12 +107,6 @@ class ActivationFile:
             self._headers[key] = (shape, dtype)
             order.append(key)
         self._order = order
-        try:
-            bad = zf.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise InputError(f"{p}: corrupt or truncated zip archive ({exc})") from None
-        if bad is not None:
-            raise InputError(f"{p}: corrupt or truncated zip archive (CRC error in member '{bad}')")
         self._validate_structure()
         if scan_values:
             self.scan_values()
@@ -248,11 +243,33 @@ class ActivationFile:
             arr = arr.astype(np.float32)
         return np.ascontiguousarray(arr)
 
-    def scan_values(self) -> None:
-        """Check every activation and gradient array for NaN/Inf (count and first position)."""
+    def scan_values(self, *, batch_rows: int = 8192) -> None:
+        """Full check of the data: the zip's CRCs (a corrupted member), and every activation and
+        gradient array for NaN/Inf (count and first position). Streams row batches: memory
+        O(batch_rows x features), never a whole array."""
+        try:
+            bad = self._zip.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+            raise InputError(f"{self.path}: corrupt or truncated zip archive ({exc})") from None
+        if bad is not None:
+            raise InputError(f"{self.path}: corrupt or truncated zip archive (CRC error in member '{bad}')")
         for key in self._order:
-            if key.startswith(("act/", "grad/")):
-                check_finite(self._flat(self.array(key)), f"{self.path}: '{key}'")
+            if not key.startswith(("act/", "grad/")):
+                continue
+            count, first = 0, None
+            for pos, block in self.iter_rows(key, batch_rows=batch_rows):
+                bad_mask = ~np.isfinite(block)
+                c = int(bad_mask.sum())
+                if c:
+                    count += c
+                    if first is None:
+                        r, col = np.argwhere(bad_mask)[0]
+                        first = (int(pos[r]), int(col))
+            if count:
+                raise InputError(
+                    f"{self.path}: '{key}' contains {count} non-finite value(s) (NaN or Inf); first at row "
+                    f"{first[0]}, column {first[1]}"
+                )
 
     # -- streaming row batches (docs/scaling.md) --------------------------------------------------
     def nbytes(self, key: str) -> int:
