@@ -147,8 +147,8 @@ SPECS: dict[str, ExperimentSpec] = {
         {
             "tiny": dict(dataset="digits", n_train=300, n_test=200, hidden=64, sigmas=[0.01, 10.0], epochs=3,
                          batch_size=64, lr=0.05, align_every=5, capture_per_class=10),
-            "small": dict(dataset="fashion-mnist", n_train=5000, n_test=2000, hidden=1024,
-                          sigmas=[0.001, 0.01, 0.1, 1.0, 10.0], epochs=40, align_every=20, capture_per_class=50),
+            "small": dict(dataset="fashion-mnist", n_train=2000, n_test=2000, hidden=1024,
+                          sigmas=[0.001, 0.01, 0.1, 1.0, 10.0], epochs=150, align_every=16, capture_per_class=50),
             "paper": dict(dataset="cifar10", hidden=1024, sigmas=[0.001, 0.01, 0.1, 1.0, 10.0], epochs=2000,
                           align_every=1, capture_per_class=50),
         },
