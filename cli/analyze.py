@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-classes", type=int, default=None, metavar="P",
                    help="seeded choice of P classes (default: all)")
     g.add_argument("--empirical-capacity", action="store_true", help="also the simulated capacity")
+    g.add_argument("--seed-mode", choices=("spawn", "reference"), default="spawn",
+                   help="spawn (default): independent per-manifold streams, invariant to example order; "
+                   "reference: consume a RandomState as the original MFTMA code does (docs/metrics.md)")
     g2 = p.add_argument_group("alignment and gradients")
     g2.add_argument("--no-pairwise", action="store_true",
                     help="skip the all-pairs gradient measures (sign stiffness, confusion)")
@@ -66,6 +69,7 @@ def options_from_args(args) -> AnalyzeOptions:
         per_class=None if args.per_class == 0 else args.per_class,
         max_classes=args.max_classes,
         empirical_capacity=args.empirical_capacity,
+        seed_mode=args.seed_mode,
         pairwise=not args.no_pairwise,
         drop_nonfinite=args.drop_nonfinite,
     )

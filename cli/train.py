@@ -67,6 +67,12 @@ def add_parser(sub) -> None:
                        help=f"output folder (default {DEFAULT_OUT}/EXPERIMENT-PRESET)")
         e.add_argument("--force", action="store_true", help="overwrite a finished or different run in --out")
         e.add_argument("--quiet", action="store_true", help="no progress bars, no summary")
+        e.add_argument("--sweep", metavar="KEY=V1,V2,...",
+                       help="train once per value of one option into OUT/KEY=VALUE/, then analyse every run")
+        e.add_argument("--resume", action="store_true", help="with --sweep: reuse finished runs and analyses")
+        from geomprobe.distributed import add_cli_options
+
+        add_cli_options(e)
     p.set_defaults(run=run)
 
 
@@ -92,6 +98,12 @@ def run(args) -> int:
     opts = options_for(name, args.preset, config, args.sets, seed=args.seed, device=args.device,
                        progress="off" if args.quiet else None)
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / f"{name}-{args.preset}"
+    if getattr(args, "sweep", None):
+        from geomprobe.trainers.sweep import run_sweep_from_args
+
+        return run_sweep_from_args(args, out)
+    if getattr(args, "scheduler", None) or getattr(args, "workers", None) is not None:
+        raise InputError("--scheduler/--workers run a sweep: give --sweep KEY=V1,V2,...")
     try:
         from geomprobe.trainers.experiments import run_experiment
     except ModuleNotFoundError as exc:

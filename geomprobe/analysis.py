@@ -55,6 +55,7 @@ class AnalyzeOptions:
     per_class: int | None = 50
     max_classes: int | None = None
     empirical_capacity: bool = False
+    seed_mode: str = "spawn"
     drop_nonfinite: bool = False
     probes: bool = True
 
@@ -68,6 +69,8 @@ class AnalyzeOptions:
             check_positive_int(self.per_class, "per_class")
         if self.max_classes is not None:
             check_positive_int(self.max_classes, "max_classes", minimum=2)
+        if self.seed_mode not in ("spawn", "reference"):
+            raise InputError(f"seed_mode must be 'spawn' or 'reference'; got {self.seed_mode!r}")
         if self.subsets is not None:
             bad = [s for s in self.subsets if s not in SUBSET_NAMES]
             if bad:
@@ -224,7 +227,7 @@ def run_task(task: Task, options: AnalyzeOptions) -> TaskResult:
             rows, notes = mftma_rows(
                 X, labels, rng, kappa=options.kappa, n_t=options.n_t, n_reps=options.n_reps,
                 per_class=options.per_class, max_classes=options.max_classes,
-                empirical=options.empirical_capacity,
+                empirical=options.empirical_capacity, seed_mode=options.seed_mode,
             )
             res.rows.extend(_row(task, m, c, v) for m, c, v in rows)
             res.notes.extend(f"{task.layer} [{task.subset}]: {n}" for n in notes)

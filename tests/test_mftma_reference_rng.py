@@ -123,13 +123,13 @@ def test_reference_mode_leaves_global_rng_alone_and_ignores_thread_count(monkeyp
         np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
 
 
-def test_default_mode_unchanged_and_differs_from_reference_mode():
+def test_default_mode_for_a_list_is_reference_and_differs_from_spawn():
     Xs = _load("a_gauss_P10_M20_N100")
     d1 = manifold_analysis(Xs, seed=0)
     d2 = manifold_analysis(Xs, seed=0, seed_mode="spawn")
     r = manifold_analysis(Xs, seed=0, seed_mode="reference")
-    np.testing.assert_array_equal(d1.class_capacity, d2.class_capacity)
-    assert d1.capacity != r.capacity
+    np.testing.assert_array_equal(d1.class_capacity, r.class_capacity)
+    assert d2.capacity != r.capacity
 
 
 def test_mftma_rows_passes_seed_mode_through():
@@ -154,7 +154,7 @@ def test_reference_mode_needs_a_32_bit_integer_seed(seed):
 
 
 def test_unknown_seed_mode_is_rejected():
-    with pytest.raises(InputError, match="seed_mode must be one of 'spawn', 'reference'; got 'global'"):
+    with pytest.raises(InputError, match="seed_mode must be one of 'spawn', 'reference', 'auto'; got 'global'"):
         manifold_analysis(_load("a_gauss_P10_M20_N100"), seed=0, seed_mode="global")
 
 
@@ -167,3 +167,20 @@ def test_reference_mode_reproduces_reference_results_case_b(seed, monkeypatch):
     _check_against(res, _ref(case, seed))
     if seed == 0:
         _check_kernel_file(case, res, seen)
+
+
+def test_auto_seed_mode_is_reference_for_lists_and_spawn_for_labels():
+    """Default seed_mode="auto": the reference's calling convention (a list of per-class arrays and
+    an integer seed) reproduces the reference; (X, labels) uses the permutation-invariant streams."""
+    from geomprobe import manifold_analysis
+
+    rng = np.random.default_rng(3)
+    Xs = [rng.standard_normal((6, 12)) + rng.standard_normal(12) for _ in range(4)]
+    auto = manifold_analysis(Xs, seed=1, n_t=30, n_reps=2)
+    ref = manifold_analysis(Xs, seed=1, n_t=30, n_reps=2, seed_mode="reference")
+    assert auto.capacity == ref.capacity and np.array_equal(auto.class_radius, ref.class_radius)
+    X = np.concatenate(Xs)
+    y = np.repeat(np.arange(4), 6)
+    lab = manifold_analysis(X, y, seed=1, n_t=30, n_reps=2)
+    spawn = manifold_analysis(X, y, seed=1, n_t=30, n_reps=2, seed_mode="spawn")
+    assert lab.capacity == spawn.capacity

@@ -143,7 +143,7 @@ def manifold_analysis(
     seed=None,
     solver: str = "fast",
     K: int | None = None,
-    seed_mode: str = "spawn",
+    seed_mode: str = "auto",
 ) -> ManifoldAnalysisResult:
     """Replica mean-field manifold analysis of class manifolds (spec: shared/spec/mftma.md).
 
@@ -162,6 +162,10 @@ def manifold_analysis(
     order), with the reference's bases and its optimiser to the letter, so the t-vectors equal the
     reference's and the results match it to rounding; results then depend on class and point order
     (as the reference's do), not on the thread count. The global RNG is never touched.
+    seed_mode="auto" (default): "reference" when X is a list of per-class arrays (the reference's
+    calling convention) and seed is an integer in [0, 2**32), so that such a call reproduces the
+    reference's numbers; "spawn" otherwise, in particular for (X, labels), whose results are then
+    invariant to the order of examples and to relabelling the classes.
     """
     kappa = check_nonneg_float(kappa, "kappa")
     n_t = check_positive_int(n_t, "n_t")
@@ -169,7 +173,11 @@ def manifold_analysis(
     solver = check_choice(solver, "solver", SOLVERS)
     if K is not None:
         K = check_positive_int(K, "K", minimum=0)
-    seed_mode = check_choice(seed_mode, "seed_mode", SEED_MODES)
+    seed_mode = check_choice(seed_mode, "seed_mode", SEED_MODES + ("auto",))
+    if seed_mode == "auto":
+        ref_ok = (labels is None and isinstance(X, (list, tuple)) and isinstance(seed, numbers.Integral)
+                  and not isinstance(seed, (bool, np.bool_)) and 0 <= int(seed) < 2**32)
+        seed_mode = "reference" if ref_ok else "spawn"
     if seed_mode == "reference":
         if (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral)
                 or not 0 <= int(seed) < 2**32):
