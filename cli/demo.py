@@ -1,35 +1,82 @@
-"""``geomprobe demo``: build a seeded synthetic activations file and analyse it (no torch needed)."""
+"""``geomprobe demo``: the embedded default. Trains a real network (about a minute on a CPU) and analyses it.
+
+Default (needs torch, matplotlib): the feed-forward net of paper 003 on synthetic spheres with half of the
+training labels permuted (eps = 0.5), activations saved at init / best / final epoch, MFTMA analysis
+(``OUT/analysis/metrics.csv``), the key table (permuted capacity per layer at the best vs the final
+epoch), ``OUT/summary.json`` and the report ``OUT/report/report.md``.
+
+``--synthetic`` (and the fallback when torch is not installed, said on stderr): a seeded synthetic
+activations file analysed without torch.
+"""
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 from geomprobe._validation import InputError
-from geomprobe.analysis import AnalyzeOptions, analyze
-from geomprobe.io import save_activations
-from geomprobe.synthetic import synthetic_activations
 
 from ._common import summary_table
+
+# The demo's network and data: a scaled-down small preset of label-noise-geometry (spec E2).
+DEMO_OPTIONS = dict(dataset="spheres", n_classes=10, n_train_per_class=100, n_test_per_class=50, ambient_dim=128,
+                    intrinsic_dim=20, radius=5.0, width=256, depth=4, eps=0.5, epochs=25, batch_size=128, lr=1e-3,
+                    keep_every=5, capture_classes=10, capture_per_class=20, split_batch=256, device="cpu",
+                    progress="off")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the embedded default: synthetic layered manifolds with label noise, analysed",
-        description="Build a synthetic activations file (10 classes whose manifolds separate more in "
-        "deeper layers, half of the training labels permuted) with a seeded generator and analyse it.",
+        help="run the embedded default: train a small net on label-noisy synthetic spheres (~1 min, CPU) and "
+        "analyse its geometry",
+        description="Train the feed-forward net of paper 003 on synthetic spheres with half of the training labels "
+        "permuted, save activations at the best and final epochs, run the MFTMA analysis, print permuted "
+        "capacity per layer (best vs final epoch) and write summary.json and report/report.md into --out. "
+        "--synthetic analyses a synthetic activations file instead (no torch needed).",
     )
     p.add_argument("--out", default="geomprobe-demo", help="output directory (default: geomprobe-demo)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
-    p.add_argument("--no-mftma", action="store_true", help="alignment only")
+    p.add_argument("--no-mftma", action="store_true", help="alignment only (no capacity)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="no training: analyse seeded synthetic activations (torch-free)")
+    p.add_argument("--epochs", type=int, default=DEMO_OPTIONS["epochs"],
+                   help=f"training epochs (default {DEMO_OPTIONS['epochs']}; fewer for a quick smoke test)")
+    p.add_argument("--umap", action="store_true", help="also draw the UMAP figure (slower; needs umap-learn)")
     p.set_defaults(run=run)
 
 
-def run(args) -> int:
-    out = args.out
-    if os.path.exists(out) and os.listdir(out) and not args.force:
+def _check_out(out: str, force: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"output directory {out} exists and is not a directory")
+    if os.path.exists(out) and os.listdir(out) and not force:
         raise InputError(f"output directory {out} already exists and is not empty; pass --force to overwrite")
+
+
+def run(args) -> int:
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    if args.epochs < 1:
+        raise InputError(f"--epochs must be >= 1, got {args.epochs}")
+    _check_out(args.out, args.force)
+    if not args.synthetic:
+        try:
+            import torch  # noqa: F401
+        except ModuleNotFoundError:
+            print("geomprobe demo: PyTorch is not installed, so no network is trained; analysing synthetic "
+                  "activations instead (pip install 'geomprobe[train]' for the real demo)", file=sys.stderr)
+            return _run_synthetic(args)
+        return _run_trained(args)
+    return _run_synthetic(args)
+
+
+def _run_synthetic(args) -> int:
+    from geomprobe.analysis import AnalyzeOptions, analyze
+    from geomprobe.io import save_activations
+    from geomprobe.synthetic import synthetic_activations
+
+    out = args.out
     os.makedirs(out, exist_ok=True)
     acts = os.path.join(out, "activations.npz")
     save_activations(acts, **synthetic_activations(args.seed), force=True)
@@ -41,3 +88,59 @@ def run(args) -> int:
     for key, err in report.errors:
         print(f"geomprobe demo: task {key} failed: {err}", file=sys.stderr)
     return 1 if report.errors else 0
+
+
+def key_table(summary: dict, metric: str = "capacity") -> str:
+    """Rows = layers; columns = the metric of each subset at the best and the final epoch."""
+    d = summary["data"]
+    m = d.get("metrics", {})
+    cols = [(tag, s) for s in ("permuted", "restored", "unpermuted", "test") for tag in ("best", "final")
+            if metric in m.get(tag, {}).get(s, {})]
+    head = ["layer"] + [f"{s}@{tag}" for tag, s in cols]
+    body = []
+    for layer in d["layers"]:
+        body.append([layer] + [f"{m[tag][s][metric].get(layer, float('nan')):.4f}" for tag, s in cols])
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head] + body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _run_trained(args) -> int:
+    from geomprobe.trainers.effects import summarize
+    from geomprobe.trainers.experiments import run_experiment
+    from geomprobe.trainers.options import options_for
+
+    out = args.out
+    opts = options_for("label-noise-geometry", "small", dict(DEMO_OPTIONS, epochs=args.epochs), seed=args.seed)
+    t0 = time.perf_counter()
+    print(f"geomprobe demo: training a {opts.depth}-layer feed-forward net (width {opts.width}) on {opts.n_classes} "
+          f"synthetic spheres, eps = {opts.eps} of the training labels permuted, {opts.epochs} epochs on the CPU ...",
+          file=sys.stderr)
+    res = run_experiment("label-noise-geometry", opts, out, force=True, preset="demo")
+    t1 = time.perf_counter()
+    print(f"geomprobe demo: trained in {t1 - t0:.0f} s (best test accuracy at epoch {res['best_epoch']}); "
+          "analysing ...", file=sys.stderr)
+    summary = summarize(out, mftma=not args.no_mftma)
+    metric = "capacity" if not args.no_mftma else "rep_omega_in_class"
+    d = summary["data"]
+    print(f"geomprobe demo: {metric} per layer and subset at the best epoch ({d['files']['best']['epoch']}) and the "
+          f"final epoch ({d['files']['final']['epoch']})" +
+          (f"; lower bound 2/M = {d['capacity_lower_bound']:.3g}" if metric == "capacity" else ""))
+    print(key_table(summary, metric))
+    print()
+    for e in summary["effects"]:
+        print(f"  [{'x' if e['passed'] else ' '}] {e['name']}")
+    try:
+        from geomprobe.trainers.report import build_report
+
+        path = build_report(out, umap=args.umap)
+        print(f"report: {path}")
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":
+            raise
+        print("geomprobe demo: matplotlib is not installed: no report figures (pip install 'geomprobe[report]')",
+              file=sys.stderr)
+    print(f"wrote {out}/analysis/metrics.json and metrics.csv, {out}/summary.json "
+          f"({time.perf_counter() - t0:.0f} s in all)")
+    return 0

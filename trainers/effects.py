@@ -46,7 +46,6 @@ CRITERIA = {
     "e2_rewind_recovery": 0.5,  # fraction of the best-to-final test-accuracy drop recovered by rewinding
     "e2_min_drop": 0.02,  # a drop smaller than this (2 points) is no memorization to undo
     "e2_split_ratio": 1.0,  # early epochs: unpermuted / permuted label-dependent gradient norm > this
-    "e2_early_fraction": 0.2,  # "early": the first 20 % of the logged epochs (at least 1, epoch 0 excluded)
     # E3
     "e3_identity_min": 0.5,  # shallow ConvNet: identity correlation on orthogonal inputs (rho = 0)
     # E4
@@ -389,7 +388,7 @@ def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: boo
                                           "relative_change_first_hidden": change_first,
                                           "relative_change_last": change_last}, crit1))
     # rewinding
-    crit2 = (f"max over (layer in the last half of the layers, epoch <= best epoch) of test accuracy after rewinding "
+    crit2 = (f"max over (layer in the last half of the layers, 0 < epoch < final epoch) of test accuracy after rewinding "
              f"recovers >= {c['e2_rewind_recovery']} of the best - final test accuracy drop (drop >= {c['e2_min_drop']})")
     rewind_path = out / "rewind.json"
     if not rewind_path.is_file():
@@ -406,10 +405,10 @@ def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: boo
                                                and r["epoch"] == e), None) for e in re_] for layer in rl]}
         best_acc = (res.get("best") or {}).get("test_acc")
         final_acc = (res.get("final") or {}).get("test_acc")
-        best_ep = res.get("best_epoch") or 0
+        final_ep = int(res.get("final_epoch") or max(re_))
         last = rl[len(rl) // 2:]
         cand = [(r["test_acc"], r["layer"], r["epoch"]) for r in rows
-                if r["layer"] in last and r.get("test_acc") is not None and 0 < r["epoch"] <= max(best_ep, 1)]
+                if r["layer"] in last and r.get("test_acc") is not None and 0 < r["epoch"] < final_ep]
         if best_acc is None or final_acc is None or not cand:
             eff.append(_missing(names[2], "test accuracies in experiment.json / rewind rows", crit2))
         else:
@@ -421,25 +420,36 @@ def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: boo
                                 "rewound_test_acc": acc, "rewound_layer": layer, "rewind_epoch": ep,
                                 "recovered_fraction": frac, "layers_considered": last}, crit2))
     # gradient split
-    crit3 = (f"mean over the early epochs (first {int(c['e2_early_fraction'] * 100)} % of the logged epochs after 0) "
-             f"of unpermuted / permuted label-dependent gradient norm > {c['e2_split_ratio']}")
+    crit3 = (f"mean over the early epochs (1 .. best epoch) of the per-example label-dependent gradient norm "
+             f"(dependent_total / n) of unpermuted over permuted examples > {c['e2_split_ratio']}")
     split = [r for r in _read_jsonl(out / "gradient_split.jsonl") if r.get("epoch", 0) > 0]
     if not split:
         missing.append("gradient_split.jsonl (set split_every > 0)")
         eff.append(_missing(names[3], "gradient_split.jsonl", crit3))
     else:
-        curve = [{"epoch": r["epoch"],
-                  "unpermuted_dependent": r["split"]["unpermuted"]["dependent_total"],
-                  "permuted_dependent": r["split"]["permuted"]["dependent_total"],
-                  "unpermuted_independent": r["split"]["unpermuted"]["independent_total"],
-                  "permuted_independent": r["split"]["permuted"]["independent_total"]} for r in split]
+        def per_ex(part, key):
+            return part[key] / max(part.get("n", 1), 1)
+
+        curve = []
+        for r in split:
+            u, p = r["split"]["unpermuted"], r["split"]["permuted"]
+            curve.append({"epoch": r["epoch"], "n_unpermuted": u.get("n"), "n_permuted": p.get("n"),
+                          "unpermuted_dependent": per_ex(u, "dependent_total"),
+                          "permuted_dependent": per_ex(p, "dependent_total"),
+                          "unpermuted_independent": per_ex(u, "independent_total"),
+                          "permuted_independent": per_ex(p, "independent_total"),
+                          "tensor_ratio": {k: (u["dependent"][k] / max(u.get("n", 1), 1))
+                                           / (p["dependent"][k] / max(p.get("n", 1), 1))
+                                           for k in u.get("dependent", {}) if p["dependent"].get(k)}})
         data["gradient_split"] = curve
-        k = max(1, int(round(c["e2_early_fraction"] * len(curve))))
-        ratios = [p["unpermuted_dependent"] / p["permuted_dependent"] for p in curve[:k] if p["permuted_dependent"]]
+        best_ep = int(res.get("best_epoch") or 0)
+        early = [q for q in curve if q["epoch"] <= max(best_ep, 1)] or curve[:1]
+        ratios = [q["unpermuted_dependent"] / q["permuted_dependent"] for q in early if q["permuted_dependent"]]
         mean_ratio = float(np.mean(ratios)) if ratios else float("nan")
         eff.append(_effect(names[3], mean_ratio > c["e2_split_ratio"],
-                           {"early_epochs": [p["epoch"] for p in curve[:k]], "ratios": ratios,
-                            "mean_ratio": mean_ratio}, crit3))
+                           {"early_epochs": [q["epoch"] for q in early], "ratios": ratios, "mean_ratio": mean_ratio,
+                            "max_tensor_ratio_early": max((max(q["tensor_ratio"].values(), default=float("nan"))
+                                                           for q in early), default=float("nan"))}, crit3))
     return eff, data
 
 

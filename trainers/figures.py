@@ -127,8 +127,9 @@ def e2_mftma(summary: dict):
 
 def e2_rewind(summary: dict):
     rw = summary["data"].get("rewind")
-    fig = _figure(1.0 + 0.6 * len(rw["epochs"]) if rw else 6, 1.5 + 0.5 * len(rw["layers"]) if rw else 3)
+    fig = _figure(max(7.0, 2.5 + 0.6 * len(rw["epochs"])) if rw else 7, max(3.5, 1.5 + 0.5 * len(rw["layers"])) if rw else 3)
     ax = fig.subplots()
+    fig.suptitle("E2 rewinding one layer to an earlier epoch")
     if not rw:
         ax.set(title="Rewinding: no rewind.json", xlabel="rewind epoch", ylabel="layer")
         return fig

@@ -1,0 +1,209 @@
+"""Effects (summary.json), figures and the report of the four experiments (spec E1-E4).
+
+Fast tests train reduced tiny configurations once per module (seconds each) and check that summarize()
+lists every effect in a well-formed summary.json, that the report is rebuilt from saved results only and
+that every figure has a title, axis labels and a legend or colour bar (via matplotlib objects). Slow tests
+(``-m slow``) train reduced real configurations and assert the direction of each experiment's main effect.
+"""
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+
+from geomprobe._validation import InputError  # noqa: E402
+from geomprobe.cli.main import main  # noqa: E402
+from geomprobe.trainers import effects, figures  # noqa: E402
+from geomprobe.trainers.experiments import run_experiment  # noqa: E402
+from geomprobe.trainers.options import options_for  # noqa: E402
+
+# tiny presets made smaller still: the point is the plumbing, not the effect
+FAST = {
+    "extreme-memorization": ["epochs=2", "hidden=16", "n_train=120", "n_test=60", "capture_per_class=4",
+                             "sigmas=0.01,0.1,10"],
+    "label-noise-geometry": ["epochs=2", "n_classes=4", "n_train_per_class=12", "n_test_per_class=6", "width=16",
+                             "capture_classes=4", "capture_per_class=4", "split_batch=32"],
+    "identity-crisis": ["steps=5", "fcn_hidden=1,2", "fcn_widths=16", "conv_depths=1,2", "conv_channels=4",
+                        "fcn_activations=relu", "collapse_per_class=2"],
+    "normalized-loss": ["epochs=1", "n_train=60", "n_test=40", "channels=4", "init_stds=0.01,0.05,0.1",
+                        "capture_per_class=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("reproduce")
+    out = {}
+    for name, sets in FAST.items():
+        o = options_for(name, "tiny", sets=sets, device="cpu", progress="off")
+        d = base / name
+        run_experiment(name, o, d, preset="tiny")
+        out[name] = d
+    return out
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_summarize_lists_every_effect_well_formed(runs, name):
+    s = effects.summarize(runs[name], n_reps=1, n_t=20)
+    on_disk = json.loads((runs[name] / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(s))
+    assert s["experiment"] == name and s["n_effects"] == len(effects.EFFECT_NAMES[name])
+    assert [e["name"] for e in s["effects"]] == effects.EFFECT_NAMES[name]
+    for e in s["effects"]:
+        assert set(e) == {"name", "passed", "measured", "criterion"}
+        assert isinstance(e["passed"], bool) and e["criterion"] and e["measured"] is not None
+    assert s["n_passed"] == sum(e["passed"] for e in s["effects"])
+    assert isinstance(s["missing"], list)
+    json.dumps(s, allow_nan=False)  # strict JSON: no NaN
+
+
+def test_summarize_e2_uses_mftma_rows_and_caches_them(runs):
+    d = runs["label-noise-geometry"]
+    s = effects.summarize(d, n_reps=1, n_t=20)
+    assert (d / "analysis" / "metrics.csv").exists()
+    cap = s["data"]["metrics"]["best"]["permuted"]["capacity"]
+    assert set(cap) == set(s["data"]["layers"]) and all(v > 0 for v in cap.values())
+    assert s["data"]["capacity_lower_bound"] == pytest.approx(2 / 4)
+    mtime = (d / "analysis" / "metrics.json").stat().st_mtime_ns
+    effects.summarize(d, n_reps=1, n_t=20)  # same files: the cached analysis is reused
+    assert (d / "analysis" / "metrics.json").stat().st_mtime_ns == mtime
+
+
+def test_summarize_errors_name_the_problem(tmp_path, runs):
+    with pytest.raises(InputError, match="no experiment.json"):
+        effects.summarize(tmp_path)
+    (tmp_path / "experiment.json").write_text(json.dumps({"experiment": "nope"}))
+    with pytest.raises(InputError, match="unknown experiment 'nope'"):
+        effects.summarize(tmp_path)
+    exp = json.loads((runs["normalized-loss"] / "experiment.json").read_text())
+    (tmp_path / "experiment.json").write_text(json.dumps(dict(exp, status="running")))
+    with pytest.raises(InputError, match="status is 'running'"):
+        effects.summarize(tmp_path)
+
+
+def test_missing_artefact_is_listed_not_dropped(runs, tmp_path):
+    import shutil
+
+    d = tmp_path / "e2"
+    shutil.copytree(runs["label-noise-geometry"], d)
+    (d / "rewind.json").unlink()
+    (d / "gradient_split.jsonl").unlink()
+    s = effects.summarize(d, mftma=False)
+    by = {e["name"]: e for e in s["effects"]}
+    assert not by["rewinding_last_layers_recovers_test_accuracy"]["passed"]
+    assert by["rewinding_last_layers_recovers_test_accuracy"]["measured"] == {"missing": "rewind.json"}
+    assert any("rewind.json" in m for m in s["missing"]) and any("gradient_split" in m for m in s["missing"])
+    assert any("MFTMA" in m for m in s["missing"])  # mftma=False: capacity effects cannot be measured
+
+
+def _check_axes(fig, name):
+    from matplotlib.colorbar import Colorbar  # noqa: F401
+
+    assert fig._suptitle is not None and fig._suptitle.get_text(), name
+    cbar_axes = {ax for ax in fig.axes if ax.get_label() == "<colorbar>"}
+    main_axes = [ax for ax in fig.axes if ax not in cbar_axes]
+    for ax in main_axes:
+        if not ax.get_xticks().size and not ax.get_yticks().size and name == "e3_predictions":
+            continue  # image grid cells: the figure title and row/column labels say what they are
+        assert ax.get_title(), (name, ax)
+        assert ax.get_xlabel() and ax.get_ylabel(), (name, ax.get_title())
+        has_legend = ax.get_legend() is not None
+        has_cbar = bool(ax.images) and bool(cbar_axes)
+        assert has_legend or has_cbar, (name, ax.get_title())
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_figures_have_titles_labels_and_legends(runs, name):
+    s = effects.summarize(runs[name], n_reps=1, n_t=20)
+    for stem, fn, needs_dir, optional in figures.FIGURES[name]:
+        if optional == "umap":
+            continue  # slow to import and compile; drawn by the slow test
+        fig = fn(runs[name], s) if needs_dir else fn(s)
+        _check_axes(fig, stem)
+
+
+def test_report_rebuilds_from_saved_results_without_training(runs, capsys):
+    d = runs["normalized-loss"]
+    effects.summarize(d)
+    ckpt_mtimes = {p: p.stat().st_mtime_ns for p in d.rglob("*.pt")}
+    code = main(["report", str(d), "--no-umap"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "normalized_losses_on_a_line" in out and "report:" in out
+    md = (d / "report" / "report.md").read_text()
+    assert "| effect | passed | measured | criterion |" in md and "![e4_losses](e4_losses.png)" in md
+    assert (d / "report" / "e4_losses.png").stat().st_size > 1000
+    assert {p: p.stat().st_mtime_ns for p in d.rglob("*.pt")} == ckpt_mtimes  # nothing retrained
+    (d / "summary.json").unlink()  # rebuilt from the artefacts when missing
+    assert main(["report", str(d), "--no-umap", "--quiet"]) == 0
+    assert (d / "summary.json").exists()
+
+
+def test_report_cli_refuses_a_folder_without_a_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no experiment.json" in capsys.readouterr().err
+
+
+def test_import_effects_does_not_import_torch_or_matplotlib():
+    import subprocess
+    import sys
+
+    code = ("import sys; import geomprobe.trainers.effects, geomprobe.trainers.report, geomprobe.cli.report; "
+            "bad = [m for m in ('torch', 'matplotlib', 'umap') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- slow: reduced real configurations, direction of the main effect -------------------------------
+
+
+def _run(tmp_path, name, preset, sets):
+    o = options_for(name, preset, sets=sets, device="cpu", progress="off")
+    run_experiment(name, o, tmp_path / name, preset=preset)
+    return effects.summarize(tmp_path / name, n_reps=2, n_t=50)
+
+
+def _eff(s, name):
+    return next(e for e in s["effects"] if e["name"] == name)["measured"]
+
+
+@pytest.mark.slow
+def test_e1_large_sigma_memorizes_and_loses_alignment(tmp_path):
+    s = _run(tmp_path, "extreme-memorization", "tiny",
+             ["sigmas=0.01,10", "hidden=256", "epochs=60", "n_train=500", "n_test=300", "lr=0.05", "batch_size=64"])
+    runs = sorted([r for r in s["data"]["runs"] if r["labels"] == "true"], key=lambda r: r["sigma"])
+    small, big = runs[0], runs[-1]
+    assert big["best_test_acc"] < small["best_test_acc"] - 0.2
+    assert big["grad_alignment"] < small["grad_alignment"] and big["rep_alignment"] < small["rep_alignment"]
+
+
+@pytest.mark.slow
+def test_e2_permuted_capacity_rises_in_last_layer_after_best_epoch(tmp_path):
+    from geomprobe.cli.demo import DEMO_OPTIONS
+
+    sets = [f"{k}={v}" for k, v in DEMO_OPTIONS.items() if k not in ("device", "progress")]
+    s = _run(tmp_path, "label-noise-geometry", "small", sets)
+    m = _eff(s, "final_epoch_permuted_rises_restored_falls_in_last_layers")
+    assert m["permuted_final"][-1] > m["permuted_best"][-1]
+    assert m["restored_final"][-1] < m["restored_best"][-1]
+    fig = figures.e2_umap(tmp_path / "label-noise-geometry", s)
+    _check_axes(fig, "e2_umap")
+
+
+@pytest.mark.slow
+def test_e3_deeper_fcn_is_more_constant(tmp_path):
+    s = _run(tmp_path, "identity-crisis", "tiny", ["steps=200", "fcn_hidden=1,5", "fcn_widths=64",
+                                                    "fcn_activations=relu", "conv_depths=1,6", "conv_channels=8"])
+    per = _eff(s, "fcn_drift_to_constant_with_depth")
+    fam = per["fcn-relu-w64"]
+    assert fam["constant_minus_identity"][-1] > fam["constant_minus_identity"][0]
+
+
+@pytest.mark.slow
+def test_e4_normalized_losses_fit_a_line_better_than_unnormalized(tmp_path):
+    s = _run(tmp_path, "normalized-loss", "tiny", ["epochs=40", "n_train=200", "n_test=200", "channels=16",
+                                                    "init_stds=0.01,0.03,0.05,0.1"])
+    fn, fu = s["data"]["fit_normalized"], s["data"]["fit_unnormalized"]
+    assert math.isfinite(fn["r2"]) and fn["r2"] > fu["r2"]
