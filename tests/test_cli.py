@@ -123,8 +123,16 @@ def test_same_seed_same_numbers(acts, tmp_path, capsys):
 
 def test_console_script_demo_and_usage_error(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "geomprobe")
-    r = subprocess.run([exe, "demo", "--out", str(tmp_path / "d"), "--no-mftma"], capture_output=True, text=True)
+    # the real demo trains the feed-forward net (4 hidden layers relu1..relu4); 2 epochs keep the test quick
+    r = subprocess.run([exe, "demo", "--out", str(tmp_path / "d"), "--no-mftma", "--epochs", "2"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "layer4" in r.stdout and (tmp_path / "d" / "analysis" / "metrics.csv").exists()
+    assert "relu4" in r.stdout and (tmp_path / "d" / "analysis" / "metrics.csv").exists()
+    assert (tmp_path / "d" / "summary.json").exists() and (tmp_path / "d" / "report" / "report.md").exists()
+    # the torch-free path keeps its layered synthetic activations
+    r = subprocess.run([exe, "demo", "--out", str(tmp_path / "s"), "--no-mftma", "--synthetic"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "layer4" in r.stdout and (tmp_path / "s" / "analysis" / "metrics.csv").exists()
     r = subprocess.run([exe, "analyze"], capture_output=True, text=True)
     assert r.returncode == 2 and "usage" in r.stderr
