@@ -11,7 +11,7 @@ import numpy as np
 from geomprobe import manifold_analysis
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CANDIDATES = [ROOT.parent / "shared/reference/mftma/inputs", ROOT / "tests/data/mftma/inputs"]
+CANDIDATES = [ROOT.parent / "shared/reference/mftma/inputs", ROOT / "tests/data/mftma"]
 
 
 def main():
