@@ -253,7 +253,11 @@ def _finite_rows(X, labels, task, options, res):
 
 
 def _alignment_rows(X, labels, task, prefix, res) -> None:
-    st = AlignmentAccumulator().update(X, labels).compute()
+    alignment_rows_from_stats(AlignmentAccumulator().update(X, labels).compute(), task, prefix, res)
+
+
+def alignment_rows_from_stats(st, task: Task, prefix: str, res: TaskResult) -> None:
+    """Rows and notes of the additive alignment statistics (AlignmentStats) of one task."""
     res.rows.append(_row(task, prefix + "omega", None, st.omega))
     res.rows.append(_row(task, prefix + "omega_in_class", None, st.omega_in_class))
     for c, v in zip(st.classes, st.omega_per_class):

@@ -31,7 +31,7 @@ import numpy as np
 
 from ._validation import AnalysisError, InputError, check_positive_int
 from .alignment import AlignmentAccumulator
-from .analysis import AnalyzeOptions, Task, TaskResult, _row, analyze, run_task
+from .analysis import AnalyzeOptions, Task, TaskResult, _row, alignment_rows_from_stats, analyze, run_task
 from .io import open_activations
 
 __all__ = [
@@ -338,33 +338,13 @@ def run_task_streamed(task: Task, options: AnalyzeOptions, batch_rows: int = DEF
     if n_ok == 0:
         raise InputError(f"{task.file}: layer '{task.layer}' subset {task.subset}: no examples left")
     res.rows.append(_row(task, "n_examples", None, n_ok))
-    _alignment_rows_from_stats(acc.compute(), task, "rep_" if task.kind == "act" else "grad_", res)
+    alignment_rows_from_stats(acc.compute(), task, "rep_" if task.kind == "act" else "grad_", res)
     if (task.kind == "act" and options.mftma) or (task.kind == "grad" and options.pairwise):
         rest = run_task(task, replace(options, alignment=False))  # loads the subset: not streamed
         lead = {"n_examples", "n_dropped_nonfinite"}
         res.rows.extend(r for r in rest.rows if not (r["metric"] in lead and r["class"] == ""))
         res.notes.extend(n for n in rest.notes if "holding NaN or Inf" not in n)
     return res
-
-
-def _alignment_rows_from_stats(st, task: Task, prefix: str, res: TaskResult) -> None:
-    """The rows analysis._alignment_rows writes, from an already computed AlignmentStats.
-    (Kept in step with analysis.py by tests/test_distributed.py::test_streamed_rows_match_run_task.)"""
-    res.rows.append(_row(task, prefix + "omega", None, st.omega))
-    res.rows.append(_row(task, prefix + "omega_in_class", None, st.omega_in_class))
-    for c, v in zip(st.classes, st.omega_per_class):
-        if not np.isnan(v):
-            res.rows.append(_row(task, prefix + "omega", int(c), v))
-    for c, why in st.skipped:
-        res.notes.append(f"{task.layer} [{task.subset}]: class {c} has {why}: skipped")
-    res.rows.append(_row(task, prefix + "n_classes_skipped", None, len(st.skipped)))
-    if task.kind == "grad":
-        res.rows.append(_row(task, "grad_diversity", None, st.diversity))
-        res.rows.append(_row(task, "grad_cosine_stiffness", None, st.cosine_stiffness))
-        res.rows.append(_row(task, "grad_cosine_stiffness_in_class", None, st.cosine_in_class))
-        for c, v in zip(st.classes, st.cosine_within):
-            if not np.isnan(v):
-                res.rows.append(_row(task, "grad_cosine_stiffness", int(c), v))
 
 
 def streaming_runner(batch_rows: int = DEFAULT_STREAM_BATCH_ROWS):
