@@ -117,7 +117,7 @@ def _run_trained(args) -> int:
     print(f"geomprobe demo: training a {opts.depth}-layer feed-forward net (width {opts.width}) on {opts.n_classes} "
           f"synthetic spheres, eps = {opts.eps} of the training labels permuted, {opts.epochs} epochs on the CPU ...",
           file=sys.stderr)
-    res = run_experiment("label-noise-geometry", opts, out, force=True, preset="demo")
+    res = run_experiment("label-noise-geometry", opts, out, force=True, preset="demo", summarize=False)
     t1 = time.perf_counter()
     print(f"geomprobe demo: trained in {t1 - t0:.0f} s (best test accuracy at epoch {res['best_epoch']}); "
           "analysing ...", file=sys.stderr)

@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
     for name, sets in FAST.items():
         o = options_for(name, "tiny", sets=sets, device="cpu", progress="off")
         d = base / name
-        run_experiment(name, o, d, preset="tiny")
+        run_experiment(name, o, d, preset="tiny", summarize=False)
         out[name] = d
     return out
 
@@ -207,3 +207,12 @@ def test_e4_normalized_losses_fit_a_line_better_than_unnormalized(tmp_path):
                                                     "init_stds=0.01,0.03,0.05,0.1"])
     fn, fu = s["data"]["fit_normalized"], s["data"]["fit_unnormalized"]
     assert math.isfinite(fn["r2"]) and fn["r2"] > fu["r2"]
+
+
+def test_train_command_writes_summary_and_report(tmp_path, capsys):
+    d = tmp_path / "e4"
+    sets = sum((["--set", s] for s in FAST["normalized-loss"]), [])
+    assert main(["train", "normalized-loss", "--preset", "tiny", "--device", "cpu", "--out", str(d), "--quiet"] + sets) == 0
+    s = json.loads((d / "summary.json").read_text())
+    assert [e["name"] for e in s["effects"]] == effects.EFFECT_NAMES["normalized-loss"]
+    assert (d / "report" / "report.md").exists() and (d / "report" / "e4_losses.png").exists()

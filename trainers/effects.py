@@ -163,8 +163,8 @@ def _experiment(out: Path) -> dict:
 # -- entry point ---------------------------------------------------------------------------------
 
 
-def summarize(outdir: str | Path, *, mftma: bool = True, recompute: bool = False, n_reps: int = 3,
-              n_t: int = 100, seed: int | None = None, write: bool = True) -> dict:
+def summarize(outdir: str | Path, *, mftma: bool = True, recompute: bool = False, n_reps: int = 2,
+              n_t: int = 50, seed: int | None = None, write: bool = True) -> dict:
     """Measure every effect of the run in ``outdir`` and write ``outdir/summary.json`` (atomically).
 
     ``mftma``: run MFTMA on E2's activation files (else only alignment; capacity effects are then

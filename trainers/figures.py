@@ -171,7 +171,7 @@ def e2_training(summary: dict):
                               ("unpermuted_independent", "unpermuted, label-independent", "tab:blue", ":"),
                               ("permuted_independent", "permuted, label-independent", "tab:red", ":")):
         ax2.plot(e2, [_num(g[key]) for g in gs], ls, color=col, label=lab)
-    ax2.set(xlabel="epoch", ylabel="gradient norm (all parameters, 1/n weighted)", title="Gradient split",
+    ax2.set(xlabel="epoch", ylabel="gradient norm per example (all parameters; norm / n)", title="Gradient split",
             yscale="log" if gs else "linear")
     ax2.legend(fontsize=7)
     fig.suptitle("E2: label noise over training")
