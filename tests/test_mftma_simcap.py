@@ -9,7 +9,7 @@ import pytest
 
 from geomprobe import InputError
 from geomprobe.mftma import empirical_capacity, manifold_analysis
-from geomprobe.mftma.simcap import separable
+from geomprobe.mftma.simcap import _separable_lp, _Trial, separable
 
 DATA = Path(__file__).parent / "data" / "mftma"
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "mftma"
@@ -93,3 +93,27 @@ def test_errors(rng):
         empirical_capacity(X, np.zeros(12, int))
     with pytest.raises(InputError, match=r"seed must be an integer >= 0 or a numpy Generator, got 'a'"):
         empirical_capacity(X, y, seed="a")
+
+
+@pytest.mark.parametrize("case", ["a", "random"])
+def test_warm_started_search_matches_independent_exact_tests(case, rng):
+    # critical_n continues one NNLS across the tested n; it must give the n found by independent
+    # exact tests (fresh NNLS per n) and the LP at n - 1 and n must agree.
+    if case == "a":
+        Xs = _case(DATA / "a_gauss_P10_M20_N100.npz")
+    else:
+        Xs = [rng.standard_normal((int(rng.integers(1, 9)), 40)) + rng.standard_normal(40) for _ in range(12)]
+    X0 = np.concatenate(Xs)
+    X0 -= X0.mean(axis=0)
+    pc = np.repeat(np.arange(len(Xs)), [x.shape[0] for x in Xs])
+    N = X0.shape[1]
+    for s in range(8):
+        warm = _Trial(X0, pc, len(Xs), np.random.SeedSequence([s, 1])).critical_n()
+        t = _Trial(X0, pc, len(Xs), np.random.SeedSequence([s, 1]))
+        assert t._search() == warm
+        t.status(N)
+        A = t.y[:, None] * np.hstack([t.Xp, np.ones((X0.shape[0], 1))])
+        if warm <= N:
+            assert _separable_lp(np.hstack([A[:, :warm], A[:, -1:]]))
+        if 2 < warm <= N + 1:
+            assert not _separable_lp(np.hstack([A[:, :warm - 1], A[:, -1:]]))

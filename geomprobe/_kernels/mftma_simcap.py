@@ -179,3 +179,245 @@ def hull_nnls(A, max_iter):
             for c in range(d):
                 u[c] += z[i] * A[i, c]
     return z, u, 1.0 - sz, status
+
+
+@njit(cache=True, nogil=True)
+def _dot4(a, b, n):
+    """a[:n] . b[:n] with four interleaved partial sums (fixed order: deterministic)."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    n4 = n - n % 4
+    for c in range(0, n4, 4):
+        s0 += a[c] * b[c]
+        s1 += a[c + 1] * b[c + 1]
+        s2 += a[c + 2] * b[c + 2]
+        s3 += a[c + 3] * b[c + 3]
+    for c in range(n4, n):
+        s0 += a[c] * b[c]
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True, nogil=True)
+def _solve_ones(L, k, rhs, y):
+    """y = (L L^T)^-1 rhs over the first k rows (forward substitution by rows, backward by
+    columns of L^T = rows of L, so both sweep contiguous memory)."""
+    for r in range(k):
+        y[r] = (rhs[r] - _dot4(L[r], y, r)) / L[r, r]
+    for r in range(k - 1, -1, -1):
+        yr = y[r] / L[r, r]
+        y[r] = yr
+        Lr = L[r]
+        for c in range(r):
+            y[c] -= Lr[c] * yr
+
+
+@njit(cache=True, nogil=True)
+def _to_ls_solution(L, k, idx, z, passive, excluded, y, rhs, it, max_iter):
+    """Lawson-Hanson inner loop: from a feasible z (> 0 on the passive set) move towards the
+    least-squares solution on the passive set, dropping columns that reach zero, until that
+    solution is positive (then z = it). Returns (k, it, status)."""
+    m = z.shape[0]
+    while k > 0:
+        it += 1
+        if it > max_iter:
+            return k, it, 1
+        _solve_ones(L, k, rhs, y)
+        ok = True
+        for q in range(k):
+            if y[q] <= 0.0:
+                ok = False
+                break
+        if ok:
+            for q in range(k):
+                z[idx[q]] = y[q]
+            return k, it, 0
+        step = 1.0
+        qmin = -1
+        for q in range(k):
+            if y[q] <= 0.0:
+                zi = z[idx[q]]
+                a = zi / (zi - y[q])
+                if a < step:
+                    step = a
+                    qmin = q
+        for q in range(k):
+            i = idx[q]
+            z[i] += step * (y[q] - z[i])
+        if qmin >= 0:
+            z[idx[qmin]] = 0.0
+        for q in range(k - 1, -1, -1):
+            i = idx[q]
+            if not z[i] > 0.0:
+                z[i] = 0.0
+                passive[i] = False
+                _chol_delete(L, k, q)
+                for t in range(q, k - 1):
+                    idx[t] = idx[t + 1]
+                k -= 1
+        for i in range(m):
+            excluded[i] = False
+    return k, it, 0
+
+
+@njit(cache=True, nogil=True)
+def scan_critical(A, At, d_from, d_to, z, passive, idx, L, kst, max_iter, block0, jump):
+    """First separable dimension of nested problems, by one Lawson-Hanson NNLS warm-started across d.
+
+    A: (m, cap) signed augmented points, column 0 = y_i (bias), column c >= 1 = y_i x_i[c - 1];
+    columns [0, d_to) are filled; At: the same (cap, m) transposed (both layouts, for rows and for
+    A u). The NNLS state (z, passive, idx = passive columns in Cholesky
+    order, L = Cholesky factor of their Gram matrix [a_i; 1] . [a_j; 1], kst[0] = their number) is
+    the converged solution for the first d_from columns (d_from = 0, kst[0] = 0 to start). For
+    d = d_from + 1 .. d_to: column d - 1 is appended (rank-1 update of L, then the inner loop from
+    the previous, still feasible z, then Lawson-Hanson until no gradient entry exceeds 1e-12), and
+    the problem on the first d columns is separable iff r1 = 1 - sum z > 0 and every margin
+    a_i[:d] . u, u = sum z_i a_i[:d], recomputed in float64, is > 0 (strict; the NNLS certificate of
+    the bisection test, see hull_nnls). Returns (d, status): d = first separable d (or -1 if none
+    up to d_to), status 0, or status 1 = iteration cap hit at d (state then invalid). The state is
+    left converged at the returned d (or at d_to)."""
+    m = A.shape[0]
+    u = np.zeros(A.shape[1])
+    w = np.empty(m)
+    marg = np.empty(m)
+    excluded = np.zeros(m, np.bool_)
+    kcap = L.shape[0] - 1
+    y = np.empty(kcap + 1)
+    rhs = np.ones(kcap + 1)
+    grow = np.empty(kcap + 1)
+    x = np.empty(kcap + 1)
+    k = kst[0]
+    cand = np.empty(m, np.int64)
+    ent = np.empty(m, np.int64)
+    dep = np.empty(m, np.int64)
+    block = block0
+    for d in range(d_from + 1, d_to + 1):
+        c_new = d - 1
+        it = 0
+        # rank-1 update of the passive Gram factor with the new coordinate
+        for q in range(k):
+            x[q] = A[idx[q], c_new]
+        for q in range(k):
+            lqq = L[q, q]
+            r = np.sqrt(lqq * lqq + x[q] * x[q])
+            cs = r / lqq
+            sn = x[q] / lqq
+            L[q, q] = r
+            for i in range(q + 1, k):
+                L[i, q] = (L[i, q] + sn * x[i]) / cs
+                x[i] = cs * x[i] - sn * L[i, q]
+        if jump and d < d_to:
+            continue                   # jump: append every column, solve at d_to only
+        for i in range(m):
+            excluded[i] = False
+        k, it, status = _to_ls_solution(L, k, idx, z, passive, excluded, y, rhs, it, max_iter)
+        if status:
+            kst[0] = k
+            return d, 1
+        kmax = min(m, d + 2, kcap)
+        while True:
+            # gradient w = 1 - A u - sum z over the first d columns
+            for c in range(d):
+                u[c] = 0.0
+            sz = 0.0
+            for q in range(k):
+                i = idx[q]
+                zi = z[i]
+                sz += zi
+                for c in range(d):
+                    u[c] += zi * A[i, c]
+            kst[1] += 1
+            # margins A u, column by column (contiguous rows of At: vectorised, fixed order)
+            for i in range(m):
+                marg[i] = 0.0
+            for c in range(d):
+                uc = u[c]
+                for i in range(m):
+                    marg[i] += uc * At[c, i]
+            nc = 0
+            for i in range(m):
+                wi = 1.0 - marg[i] - sz
+                w[i] = wi
+                if (not passive[i]) and (not excluded[i]) and wi > 1e-12:
+                    cand[nc] = i
+                    nc += 1
+            if nc == 0 or k >= kmax:
+                break
+            # entering columns: the largest gradient entries (one when the last block failed)
+            nb = min(nc, block, kmax - k)
+            if nb < nc:
+                order = np.argsort(-w[cand[:nc]], kind="mergesort")
+                for t in range(nb):
+                    ent[t] = cand[order[t]]
+            else:
+                order = np.argsort(-w[cand[:nc]], kind="mergesort")
+                for t in range(nb):
+                    ent[t] = cand[order[t]]
+            k0 = k
+            ndep = 0
+            for t in range(nb):
+                j = ent[t]
+                Aj = A[j]
+                Lk = L[k]
+                for q in range(k):
+                    grow[q] = 1.0 + _dot4(A[idx[q]], Aj, d)
+                gjj = 1.0 + _dot4(Aj, Aj, d)
+                for q in range(k):
+                    Lk[q] = (grow[q] - _dot4(L[q], Lk, q)) / L[q, q]
+                d2 = gjj - _dot4(Lk, Lk, k)
+                if not (d2 > _DEP_TOL * gjj and d2 > 0.0):
+                    excluded[j] = True
+                    dep[ndep] = j
+                    ndep += 1
+                    continue
+                L[k, k] = np.sqrt(d2)
+                idx[k] = j
+                k += 1
+                passive[j] = True
+            # every entering column must get a positive least-squares coefficient: drop the most
+            # negative one until they all do (a single entering column that fails is excluded,
+            # as in hull_nnls; when a whole block fails, the next step enters one column)
+            while k > k0:
+                it += 1
+                if it > max_iter:
+                    kst[0] = k
+                    return d, 1
+                _solve_ones(L, k, rhs, y)
+                qmin = -1
+                ymin = 0.0
+                for q in range(k0, k):
+                    if y[q] <= ymin:
+                        ymin = y[q]
+                        qmin = q
+                if qmin < 0:
+                    break
+                j = idx[qmin]
+                passive[j] = False
+                if block == 1:
+                    excluded[j] = True
+                # columns found dependent on a set that included j may be independent of the rest
+                for t in range(ndep):
+                    excluded[dep[t]] = False
+                ndep = 0
+                _chol_delete(L, k, qmin)
+                for t in range(qmin, k - 1):
+                    idx[t] = idx[t + 1]
+                k -= 1
+            if k == k0:
+                block = 1
+                continue
+            block = block0
+            k, it, status = _to_ls_solution(L, k, idx, z, passive, excluded, y, rhs, it, max_iter)
+            if status:
+                kst[0] = k
+                return d, 1
+        kst[0] = k
+        if 1.0 - sz > 0.0:
+            mn = np.inf
+            for i in range(m):
+                if marg[i] < mn:
+                    mn = marg[i]
+            if mn > 0.0:
+                return d, 0
+    return -1, 0

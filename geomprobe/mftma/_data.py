@@ -1,6 +1,8 @@
 """Input handling shared by the MFTMA functions: (X, labels) or a list of per-class arrays."""
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,3 +66,29 @@ def as_manifolds(X, labels, *, min_classes: int = 2) -> Manifolds:
     bounds = np.searchsorted(codes[order], np.arange(len(classes) + 1))
     index = tuple(order[bounds[i]:bounds[i + 1]] for i in range(len(classes)))
     return Manifolds(classes, np.diff(bounds), X.shape[1], X.dtype, X, index)
+
+
+def n_workers(n_tasks: int) -> int:
+    """Threads for a pool of n_tasks independent tasks: the CPUs this process may use (affinity),
+    capped by numba's thread setting (NUMBA_NUM_THREADS: 1 in Dask workers) and by n_tasks."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        cpus = os.cpu_count() or 1
+    try:
+        import numba
+        cpus = min(cpus, int(numba.config.NUMBA_NUM_THREADS))
+    except Exception:  # pragma: no cover
+        pass
+    return max(1, min(cpus, n_tasks))
+
+
+def blas_threads(n: int):
+    """Context limiting BLAS (OpenBLAS/MKL, numpy's and scipy's) to n threads while a thread pool
+    runs tasks that call it, so that pool threads x BLAS threads never oversubscribe the cores
+    (threadpoolctl; a no-op if it is not installed). Results do not depend on it."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")

@@ -1,18 +1,19 @@
 """Empirical (simulated) manifold capacity by bisection on the number of random projections (spec 5)."""
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._kernels.mftma_simcap import hull_nnls
+from .._kernels.mftma_simcap import hull_nnls, scan_critical
 from .._validation import AnalysisError, check_positive_int, check_seed
-from ._data import as_manifolds
+from ._data import as_manifolds, blas_threads, n_workers
 
 P_TOL = 0.05        # bisection stops when |p(n) - 1/2| <= P_TOL (reference value)
 MAX_STEPS = 100     # reference cap on bisection steps
+_ENTER = 16         # columns entering the active set per gradient pass of the warm-started NNLS
+_BLOCK = 32         # random directions projected at a time by the warm-started scan
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ def _separable_lp(A: np.ndarray) -> bool:
     return bool(-res.fun > 0.0 and float((A @ res.x[:d]).min()) > 0.0)
 
 
+class _CapReached(Exception):
+    """The warm-started active set hit its iteration cap (never seen in practice)."""
+
+
 class _Trial:
     """One random dichotomy with nested random projections: n features = the first n of a fixed
     sequence of unit-norm Gaussian directions, so separability is monotone in n (common random
@@ -95,7 +100,83 @@ class _Trial:
         return sep
 
     def critical_n(self) -> int:
-        """Smallest n in [2, N] at which the dichotomy is separable (N + 1 if none)."""
+        """Smallest n in [2, N] at which the dichotomy is separable (N + 1 if none).
+
+        Exponential search (n = 2, 4, 8, ...) then bisection, as :meth:`_search`, but every test
+        continues the exact NNLS of the largest n known not to be separable: the problem at n' > n
+        only appends coordinates (rank-1 updates of the passive Gram factor; the previous solution
+        stays feasible), so a test re-uses the active set instead of starting from zero. The
+        projection is computed in blocks of directions as the search needs them. Should the active
+        set hit its iteration cap, the trial is redone by :meth:`_search` (exact tests, HiGHS LP
+        fallback)."""
+        X0 = self.X0
+        m, N = X0.shape
+        self._gen = np.random.default_rng(self.s_w)     # rows drawn in blocks: same stream, same rows
+        self._A = np.empty((m, 1 + min(N, _BLOCK)))
+        self._A[:, 0] = self.y
+        self._At = np.empty((self._A.shape[1], m))
+        self._At[0] = self.y
+        self._n_have = 0
+        lo_state = (np.zeros(m), np.zeros(m, dtype=bool), np.empty(m, dtype=np.int64),
+                    np.empty((1, 1)), np.zeros(2, dtype=np.int64))
+        lo, n = 0, 2                   # lo: largest n known not separable, with its NNLS state
+        try:
+            while True:                # exponential search for a separable n
+                n = min(n, N)
+                sep, st = self._advance(lo_state, lo, n)
+                if sep:
+                    break
+                if n == N:
+                    return N + 1
+                lo, lo_state, n = n, st, 2 * n
+            hi = n
+            while hi - lo > 1:         # invariant: lo not separable (or lo = 0), hi separable
+                mid = (lo + hi) // 2
+                sep, st = self._advance(lo_state, lo, mid)
+                if sep:
+                    hi = mid
+                else:
+                    lo, lo_state = mid, st
+            return hi
+        except _CapReached:
+            self.tests = 0
+            return self._search()
+        finally:
+            self._A = self._At = self._gen = None
+
+    def _advance(self, state, n_from: int, n: int):
+        """Exact test at n, continuing (a copy of) the NNLS state converged at n_from < n."""
+        m, N = self.X0.shape
+        while self._n_have < n:
+            nb = min(max(_BLOCK, n - self._n_have), N - self._n_have)
+            lo = 1 + self._n_have
+            if lo + nb > self._A.shape[1]:
+                cap = min(N + 1, max(lo + nb, 2 * self._A.shape[1]))
+                A2 = np.empty((m, cap))
+                A2[:, :lo] = self._A[:, :lo]
+                At2 = np.empty((cap, m))
+                At2[:lo] = self._At[:lo]
+                self._A, self._At = A2, At2
+            W = self._gen.standard_normal((nb, N))
+            W /= np.linalg.norm(W, axis=1, keepdims=True)
+            np.multiply(self.X0 @ W.T, self.y[:, None], out=self._A[:, lo:lo + nb])
+            self._At[lo:lo + nb] = self._A[:, lo:lo + nb].T
+            self._n_have += nb
+        z, passive, idx, L, kst = state
+        k = int(kst[0])
+        need = min(m, n + 3) + 1
+        L2 = np.empty((max(need, L.shape[0]), max(need, L.shape[0])))
+        L2[:k, :k] = L[:k, :k]
+        st = (z.copy(), passive.copy(), idx.copy(), L2, kst.copy())
+        d, status = scan_critical(self._A, self._At, n_from + 1 if n_from else 0, n + 1, *st,
+                                  100 * m + 10000, _ENTER, True)
+        self.tests += 1
+        if status:
+            raise _CapReached
+        return d > 0, st
+
+    def _search(self) -> int:
+        """Exponential search then bisection with one exact test per evaluated n."""
         N = self.X0.shape[1]
         lo, n = 1, 2
         while True:                    # exponential search for a separable n
@@ -140,14 +221,14 @@ def empirical_capacity(X, labels=None, *, n_rep: int = 30, seed=None) -> Empiric
     entropy = rng.integers(0, 2**63 - 1, size=4, dtype=np.int64)
     seqs = np.random.SeedSequence([int(e) for e in entropy]).spawn(n_rep)
     trials = [_Trial(X0, point_class, P, s) for s in seqs]
-    try:
-        workers = max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover
-        workers = os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=min(workers, n_rep)) as ex:
-        crit = np.array(list(ex.map(lambda t: t.critical_n(), trials)), dtype=np.int64)
-        for t in trials:
-            t.Xp = None  # free the projections
+    workers = n_workers(n_rep)
+    if workers > 1:
+        with blas_threads(1), ThreadPoolExecutor(max_workers=workers) as ex:
+            crit = np.array(list(ex.map(lambda t: t.critical_n(), trials)), dtype=np.int64)
+    else:
+        crit = np.array([t.critical_n() for t in trials], dtype=np.int64)
+    for t in trials:
+        t.Xp = None  # free the projections
 
     def p_of(n: int) -> float:
         return float(np.mean(crit <= n))
