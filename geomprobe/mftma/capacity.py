@@ -20,7 +20,7 @@ from .._validation import (
     check_positive_int,
     check_seed,
 )
-from ._data import Manifolds, as_manifolds
+from ._data import Manifolds, as_manifolds, blas_threads, n_workers
 from .anchors import SOLVERS, cvxpy_anchors, nnls_max_iter
 from .centers import fit_center_model
 
@@ -221,7 +221,7 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
     notes.extend(cm.notes)
     V11 = cm.V11
     # 3. per-manifold preparation (threads; each manifold independent)
-    with ThreadPoolExecutor(max_workers=min(P, n_threads)) as ex:
+    with blas_threads(1), ThreadPoolExecutor(max_workers=n_workers(P)) as ex:  # no nested BLAS threads
         prep = _prepare_reference if reference else _prepare_one
         sd1s = list(ex.map(lambda i: prep(man.get(i), xbar, V11), canon))
     for r, s in enumerate(sd1s):
@@ -241,7 +241,7 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
     out = np.zeros((P, 5))
     if solver == "fast":
         cap = nnls_max_iter(int(ms.max()))
-        with ThreadPoolExecutor(max_workers=min(P, n_threads)) as ex:
+        with blas_threads(1), ThreadPoolExecutor(max_workers=n_workers(P)) as ex:
             res = list(ex.map(lambda r: manifold_metrics(sd1s[r], Ts[r], kappa, cap), range(P)))
         out[:] = np.array(res, dtype=float)
         fails = int(out[:, 4].sum())
