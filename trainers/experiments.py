@@ -406,8 +406,10 @@ def get_experiment(name: str) -> Experiment:
 
 
 
-def run_experiment(name: str, options: Any, out: str | Path, *, force: bool = False, preset: str = "") -> dict:
-    """Run an experiment into ``out`` (resuming an unfinished run with the same options)."""
+def run_experiment(name: str, options: Any, out: str | Path, *, force: bool = False, preset: str = "",
+                   summarize: bool = True) -> dict:
+    """Run an experiment into ``out`` (resuming an unfinished run with the same options); then, with
+    ``summarize``, measure its effects (``out/summary.json``) and write ``out/report/`` (trainers/effects.py)."""
     exp = get_experiment(name)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -430,7 +432,31 @@ def run_experiment(name: str, options: Any, out: str | Path, *, force: bool = Fa
     result = exp.run(options, out, force)
     state.update(status="done", result=result)
     atomic_write_text(state_path, json.dumps(_clean(state), indent=1))
+    if summarize:
+        _summarize(out)
     return result
+
+
+def _summarize(out: Path) -> None:
+    """summary.json and the report; a failure here is reported on stderr and leaves the finished run intact."""
+    import sys
+
+    from geomprobe._validation import AnalysisError
+
+    from . import effects
+
+    try:
+        effects.summarize(out)
+        from .report import build_report
+
+        build_report(out, umap=False, quiet=True)  # `geomprobe report DIR` adds the UMAP figure
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":
+            raise
+        print(f"{out}: summary.json written; no figures (matplotlib is not installed)", file=sys.stderr)
+    except (InputError, AnalysisError) as exc:
+        print(f"{out}: the run finished but its summary failed: {exc}; retry with `geomprobe report {out}`",
+              file=sys.stderr)
 
 
 def _clean(obj):
