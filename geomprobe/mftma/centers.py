@@ -12,6 +12,7 @@ import scipy.linalg
 
 from .._kernels.mftma_centers import fit_and_score, residual_stats
 from .._validation import AnalysisError, InputError
+from ._data import blas_threads, n_workers
 
 #: Riemannian CG settings for the center model (pymanopt's defaults, as in the reference: gradient
 #: norm 1e-6, step length 1e-10, at most 1000 iterations).
@@ -141,7 +142,7 @@ def fit_center_model(centers: np.ndarray, rng: np.random.Generator | np.random.R
                 A = np.concatenate([(starts[k - 1, r] @ Y)[:, None], Vprev], axis=1)
                 V0s[r] = _sign_fixed_qr(A)[0]
         if n_threads > 1:
-            with ThreadPoolExecutor(max_workers=min(n_threads, n_reps)) as ex:
+            with blas_threads(1), ThreadPoolExecutor(max_workers=n_workers(n_reps)) as ex:
                 fits = list(ex.map(lambda r: fit_and_score(Y, C, V0s[r], max_iter, gtol, min_step,
                                                            reference), range(n_reps)))
         else:
