@@ -79,16 +79,47 @@ def ball_capacity(R, D, kappa: float = 0.0):
     return float(out) if out.ndim == 0 else out
 
 
+#: A Cholesky pivot of the Gram matrix below this fraction of its diagonal entry (other than the last
+#: one, which is ~0 because the points are centred) sends _prepare_one back to the QR of S^T.
+CHOL_MIN_PIVOT = 1e-8
+
+
+def _chol_r(G: np.ndarray) -> np.ndarray | None:
+    """Upper R with R^T R = G (m x m, positive semi-definite of rank m-1 with a ~0 last pivot), i.e. the
+    sign-fixed R of the QR of any S^T with S S^T = G, up to rounding. The last pivot is set to 0 (the
+    points are centred: the last point is minus the sum of the others, so the QR gives ~0 there).
+    None when some other pivot is below CHOL_MIN_PIVOT of its diagonal entry (caller falls back to QR)."""
+    m = G.shape[0]
+    dg = np.diag(G).copy()
+    R = np.zeros((m, m))
+    if m > 1:
+        try:
+            L = np.linalg.cholesky(G[:m - 1, :m - 1])
+        except np.linalg.LinAlgError:
+            return None
+        if np.any(np.diag(L) ** 2 < CHOL_MIN_PIVOT * dg[:m - 1]):
+            return None
+        R[:m - 1, :m - 1] = L.T
+        R[:m - 1, m - 1] = scipy.linalg.solve_triangular(L, G[:m - 1, m - 1], lower=True, check_finite=False)
+    return R
+
+
 def _prepare_one(Xi: np.ndarray, xbar: np.ndarray, V11: np.ndarray) -> np.ndarray:
     """sD1 of one manifold (spec steps 8-11), in a canonical basis.
 
     Points are ordered by decreasing norm and S is replaced by the sign-fixed R factor of its QR
     (R = Q^T S, an isometry of S), so the result does not depend on the order of the points or on a
     rotation of the features. D = min(N, m) (the reference: m if N > m, else N).
+
+    R is the Cholesky factor of the (m x m) float64 Gram matrix S S^T (the same R up to rounding, far
+    cheaper than a QR of the N x m matrix; no reordering of the points' coordinates needed); it falls
+    back to the QR when N < m or the Gram matrix is (nearly) rank-deficient beyond the centring.
     """
-    Z = np.asarray(Xi, dtype=np.float64) - xbar           # (m, N): per manifold, never all of X
+    Z = np.subtract(Xi, xbar, dtype=np.float64)            # (m, N): per manifold, never all of X
     if V11.shape[1]:
-        Z -= (Z @ V11) @ V11.T
+        # Z -= (Z V11) V11^T in place (BLAS on the transposed, Fortran-ordered view; no m x N temporary)
+        p = Z @ V11
+        Z = scipy.linalg.blas.dgemm(-1.0, V11, p.T, beta=1.0, c=Z.T, overwrite_c=True).T
     zbar = Z.mean(axis=0)
     nrm = float(np.linalg.norm(zbar))
     if not nrm > 0:
@@ -96,11 +127,16 @@ def _prepare_one(Xi: np.ndarray, xbar: np.ndarray, V11: np.ndarray) -> np.ndarra
     Z -= zbar
     Z /= nrm
     order = np.argsort(-np.einsum("ij,ij->i", Z, Z), kind="stable")
-    S = Z[order]
-    R = np.linalg.qr(S.T, mode="r")                       # (min(N, m), m)
-    sgn = np.where(np.diag(R) < 0, -1.0, 1.0)
-    R *= sgn[:, None]
-    return np.vstack([R, np.ones((1, S.shape[0]))])
+    m, N = Z.shape
+    R = None
+    if N >= m:
+        G = Z @ Z.T
+        R = _chol_r(G[np.ix_(order, order)])
+    if R is None:
+        R = np.linalg.qr(Z[order].T, mode="r")             # (min(N, m), m)
+        sgn = np.where(np.diag(R) < 0, -1.0, 1.0)
+        R *= sgn[:, None]
+    return np.vstack([R, np.ones((1, m))])
 
 
 def _prepare_reference(Xi: np.ndarray, xbar: np.ndarray, V11: np.ndarray) -> np.ndarray:
