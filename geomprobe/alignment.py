@@ -346,8 +346,7 @@ def pairwise_stats(G, labels=None, *, block_size: int = 2048) -> PairwiseResult:
     best_cos = (np.inf, (-1, -1))
     n_rechecked = 0
     bufsize = min(bs, n) ** 2
-    buf_i = np.empty(bufsize, np.int64)
-    buf_j = np.empty(bufsize, np.int64)
+    buf = [np.empty(bufsize, np.int64) for _ in range(4)]
     for i0 in range(0, n, bs):
         i1 = min(n, i0 + bs)
         Xi = X[i0:i1]
@@ -360,13 +359,14 @@ def pairwise_stats(G, labels=None, *, block_size: int = 2048) -> PairwiseResult:
             cuts = np.flatnonzero(np.diff(cj)) + 1
             seg_start = np.concatenate([[0], cuts]).astype(np.int64)
             seg_end = np.concatenate([cuts, [j1 - j0]]).astype(np.int64)
-            n_amb = _k.pair_block(
-                B, norms[i0:i1], gnorm[j0:j1], codes[i0:i1], seg_start, seg_end, cj[seg_start], gamma, diag,
-                sign_sum, pair_count, buf_i, buf_j,
+            thr, cos_thr = _sampled_min_bounds(B, norms[i0:i1], norms[j0:j1], inv[i0:i1], inv[j0:j1], gamma, diag)
+            thr, cos_thr = min(thr, best[0]), min(cos_thr, best_cos[0])
+            n_amb, n_cand = _k.pair_block(
+                B, norms[i0:i1], inv[i0:i1], inv[j0:j1], gnorm[j0:j1], codes[i0:i1], seg_start, seg_end,
+                cj[seg_start], gamma, diag, thr, cos_thr, sign_sum, pair_count, *buf,
             )
-            up, min_cos_up = _block_min_bounds(B, norms[i0:i1], norms[j0:j1], inv[i0:i1], inv[j0:j1], gamma, diag)
             if n_amb:
-                I, J = buf_i[:n_amb].copy(), buf_j[:n_amb].copy()
+                I, J = buf[0][:n_amb].copy(), buf[1][:n_amb].copy()
                 exact = _exact_dots(Xi, Xj, I, J)
                 s = np.sign(exact).astype(np.int64)
                 ci, cjj = codes[i0 + I], codes[j0 + J]
@@ -376,21 +376,17 @@ def pairwise_stats(G, labels=None, *, block_size: int = 2048) -> PairwiseResult:
                 np.add.at(sign_sum, (cjj[off], ci[off]), s[off])
                 np.add.at(pair_count, (cjj[off], ci[off]), 1)
                 n_rechecked += n_amb
-            thr = min(up, best[0])
-            cos_thr = min(min_cos_up, best_cos[0])
-            k = _k.min_candidates(B, norms[i0:i1], norms[j0:j1], inv[i0:i1], inv[j0:j1], gamma, diag, thr, cos_thr,
-                                  buf_i, buf_j)
-            if k:
-                I, J = buf_i[:k].copy(), buf_j[:k].copy()
+            if n_cand:
+                I, J = buf[2][:n_cand].copy(), buf[3][:n_cand].copy()
                 exact = _exact_dots(Xi, Xj, I, J)
-                n_rechecked += k
+                n_rechecked += n_cand
                 a = int(np.argmin(exact))
                 if exact[a] < best[0]:
                     best = (float(exact[a]), _orig_pair(order, i0 + int(I[a]), j0 + int(J[a])))
                 nn = norms[i0 + I] * norms[j0 + J]
                 ok = nn > 0
                 if np.any(ok):
-                    cos = np.full(k, np.inf)
+                    cos = np.full(n_cand, np.inf)
                     cos[ok] = exact[ok] / nn[ok]
                     a = int(np.argmin(cos))
                     if cos[a] < best_cos[0]:
@@ -418,25 +414,21 @@ def pairwise_stats(G, labels=None, *, block_size: int = 2048) -> PairwiseResult:
     )
 
 
-def _block_min_bounds(B, ni, nj, inv_i, inv_j, gamma, diag) -> tuple[float, float]:
-    """Upper bounds of the minimum inner product and minimum cosine over a block's pairs, from
-    vectorised row minima (exact float minima plus the rounding bound; the cosine bound adds 1e-6 of
-    slack for the rounding of B * (1/n_j)). Only the number of candidates depends on their tightness."""
+def _sampled_min_bounds(B, ni, nj, inv_i, inv_j, gamma, diag, stride: int = 16) -> tuple[float, float]:
+    """Upper bounds of a block's minimum inner product and minimum cosine from every ``stride``-th
+    row: any pair's upper bound (B + gamma n_i n_j) bounds the minimum, so a sample is valid; its
+    tightness only sets how many candidate pairs are recomputed exactly."""
+    rows = np.arange(0, B.shape[0], stride)
+    S = B[rows].astype(np.float64)
     if diag:
-        if B.shape[0] < 2:
-            return np.inf, np.inf
-        np.fill_diagonal(B, np.inf)  # B is a temporary; a diagonal block's lower triangle repeats pairs
-    rowmin = B.min(axis=1).astype(np.float64)
-    up = float(np.min(rowmin + ni * (gamma * nj.max())))
-    scaled = B * inv_j.astype(B.dtype)[None, :]
+        S[np.arange(rows.size), rows] = np.inf  # the pair (i, i) is not a pair
+        S[rows[:, None] > np.arange(B.shape[1])[None, :]] = np.inf  # only j > i
+    up = S + gamma * np.outer(ni[rows], nj)
+    thr = float(up.min()) if up.size else np.inf
     with np.errstate(invalid="ignore"):
-        cos_rows = np.fmin.reduce(scaled, axis=1).astype(np.float64) * inv_i
-    cos_up = float(np.fmin.reduce(cos_rows)) if cos_rows.size else np.inf
-    if np.isnan(cos_up):
-        cos_up = np.inf
-    else:
-        cos_up += gamma + 1e-6
-    return up, cos_up
+        cos = up * inv_i[rows][:, None] * inv_j[None, :]
+    cos_thr = float(np.nanmin(cos)) if np.isfinite(cos).any() else np.inf
+    return thr, cos_thr
 
 
 def _orig_pair(order, a: int, b: int) -> tuple[int, int]:
@@ -444,13 +436,8 @@ def _orig_pair(order, a: int, b: int) -> tuple[int, int]:
     return (i, j) if i < j else (j, i)
 
 
-def _exact_dots(Xi, Xj, I, J, chunk: int = 4096) -> np.ndarray:
-    out = np.empty(I.size)
-    for s in range(0, I.size, chunk):
-        a = Xi[I[s:s + chunk]].astype(np.float64)
-        b = Xj[J[s:s + chunk]].astype(np.float64)
-        out[s:s + chunk] = np.einsum("ij,ij->i", a, b)
-    return out
+def _exact_dots(Xi, Xj, I, J) -> np.ndarray:
+    return _k.exact_dots(Xi, Xj, I, J)
 
 
 def sign_stiffness(G, labels=None, *, block_size: int = 2048) -> PairwiseResult:

@@ -77,10 +77,14 @@ def test_pair_block_kernel_matches_numpy_twin(rng):
     pc = np.zeros((3, 3), np.int64)
     bi = np.empty(400, np.int64)
     bj = np.empty(400, np.int64)
-    n_amb = K.pair_block(B, norms, 0.0 * norms, codes, seg_start, seg_end, codes[seg_start], 0.0, True,
-                         ss, pc, bi, bj)
+    ci_ = np.empty(400, np.int64)
+    cj_ = np.empty(400, np.int64)
     i, j = pairs(20)
-    assert n_amb == 0
+    thr = np.sort(B[i, j])[3]  # the 4 smallest inner products are candidates
+    n_amb, n_cand = K.pair_block(B, norms, 1 / norms, 1 / norms, 0.0 * norms, codes, seg_start, seg_end,
+                                 codes[seg_start], 0.0, True, thr, -np.inf, ss, pc, bi, bj, ci_, cj_)
+    assert n_amb == 0 and n_cand == 4
+    assert sorted(B[ci_[:4], cj_[:4]]) == sorted(np.sort(B[i, j])[:4])
     ref = np.zeros((3, 3))
     cnt = np.zeros((3, 3))
     for a, b in zip(i, j):
@@ -93,8 +97,8 @@ def test_pair_block_kernel_matches_numpy_twin(rng):
     gamma = 0.5
     ss[:] = 0
     pc[:] = 0
-    n_amb = K.pair_block(B, norms, gamma * norms, codes, seg_start, seg_end, codes[seg_start], gamma, True,
-                         ss, pc, bi, bj)
+    n_amb, _ = K.pair_block(B, norms, 1 / norms, 1 / norms, gamma * norms, codes, seg_start, seg_end,
+                            codes[seg_start], gamma, True, -np.inf, -np.inf, ss, pc, bi, bj, ci_, cj_)
     amb = np.abs(B[i, j]) <= gamma * norms[i] * norms[j]
     assert n_amb == amb.sum() and pc.sum() + pc.trace() == 2 * (len(i) - n_amb)
 
@@ -114,6 +118,15 @@ def test_class_sums_do_not_depend_on_the_thread_count():
         outs.add(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                                 check=True).stdout)
     assert len(outs) == 1
+
+
+def test_exact_dots_kernel_matches_numpy_twin(rng):
+    Xi = rng.standard_normal((30, 70)).astype(np.float32)
+    Xj = rng.standard_normal((20, 70)).astype(np.float32)
+    I = rng.integers(0, 30, 50)
+    J = rng.integers(0, 20, 50)
+    twin = np.einsum("ij,ij->i", Xi[I].astype(np.float64), Xj[J].astype(np.float64))
+    np.testing.assert_allclose(K.exact_dots(Xi, Xj, I, J), twin, rtol=1e-13, atol=1e-12)
 
 
 def test_kernels_run_without_jit():

@@ -9,7 +9,6 @@ import numba
 import numpy as np
 from numba import prange
 
-_COL_BLOCK = 64
 
 
 @numba.njit(parallel=True)
@@ -47,7 +46,6 @@ def class_sums(X, codes, n_classes, group, S, U, sq_norms):
             r0 = (g0 + cc) * CHUNK_ROWS
             r1 = min(n, r0 + CHUNK_ROWS)
             for i in range(r0, r1):
-                c = codes[i]
                 # four interleaved partial sums (fixed order): breaks the add latency chain
                 s0 = 0.0
                 s1 = 0.0
@@ -69,6 +67,8 @@ def class_sums(X, codes, n_classes, group, S, U, sq_norms):
                 sq = (s0 + s1) + (s2 + s3)
                 sq_norms[i] = sq
                 w = 1.0 / np.sqrt(sq) if sq > 0.0 else 0.0
+                # the row is still in L1: accumulate it now (rows added in order per element)
+                c = codes[i]
                 ps = PS[cc, c]
                 pu = PU[cc, c]
                 for j in range(d):
@@ -83,23 +83,32 @@ def class_sums(X, codes, n_classes, group, S, U, sq_norms):
 
 
 @numba.njit(cache=True)
-def pair_block(B, norms_i, gnorm_j, codes_i, seg_start, seg_end, seg_class, gamma, diag,
-               sign_sum, pair_count, amb_i, amb_j):
-    """Count the signs of one Gram block B[i, j] = <x_i, x_j> (computed by BLAS, maybe in float32).
+def pair_block(B, norms_i, inv_i, inv_j, gnorm_j, codes_i, seg_start, seg_end, seg_class, gamma, diag,
+               threshold, cos_threshold, sign_sum, pair_count, amb_i, amb_j, cand_i, cand_j):
+    """One pass over a Gram block B[i, j] = <x_i, x_j> (computed by BLAS, maybe in float32).
 
     Columns j come sorted by class: segment s covers j in [seg_start[s], seg_end[s]) of class
     seg_class[s]. ``gamma`` bounds the rounding error: |B_ij - exact| <= gamma n_i n_j
-    (``gnorm_j`` = gamma * n_j). Pairs whose sign is ambiguous under that bound are not counted but
-    written to (amb_i, amb_j) for an exact float64 recomputation by the caller. ``diag``: the block
-    is on the diagonal, so only j > i. Adds to sign_sum[c, c'] and pair_count[c, c'] (both orders for
-    c != c', once for c == c'). Returns the number of ambiguous pairs.
+    (``gnorm_j`` = gamma * n_j). ``diag``: the block is on the diagonal, so only j > i.
+
+    Signs: pairs whose sign is certain under the bound are added to sign_sum[c, c'] and
+    pair_count[c, c'] (both orders for c != c', once for c == c'); the others are written to
+    (amb_i, amb_j) for an exact float64 recomputation by the caller.
+    Minimum: pairs whose lower bound B - gamma n_i n_j could be <= ``threshold`` (inner product) or
+    whose lower-bound cosine could be <= ``cos_threshold`` are written to (cand_i, cand_j).
+    ``inv_*`` = 1/norm, NaN for zero rows (never cosine candidates).
+    The hot loop over 64-column chunks only counts (branch-free, vectorised); a chunk is rescanned
+    only when it holds an ambiguous sign or a candidate. Returns (n_amb, n_cand); pairs beyond the
+    buffers' length are counted but not stored (the caller then recomputes the block exactly).
     """
     bi = B.shape[0]
     cap = amb_i.shape[0]
     n_amb = 0
+    n_cand = 0
     for i in range(bi):
         ci = codes_i[i]
         ni = norms_i[i]
+        ii = inv_i[i]
         for s in range(seg_start.shape[0]):
             j0 = seg_start[s]
             j1 = seg_end[s]
@@ -111,27 +120,37 @@ def pair_block(B, norms_i, gnorm_j, codes_i, seg_start, seg_end, seg_class, gamm
             pos = 0
             neg = 0
             counted = 0
-            for k0 in range(j0, j1, 64):  # sub-chunks: only a chunk holding an ambiguous pair is rescanned
+            for k0 in range(j0, j1, 64):
                 k1 = min(j1, k0 + 64)
                 p = 0
                 q = 0
+                h = 0
                 for j in range(k0, k1):  # branch-free integer reductions: vectorised by LLVM
                     b = np.float64(B[i, j])
                     e = ni * gnorm_j[j]
+                    lo = b - e
                     p += b > e
                     q += b < -e
+                    h += (lo <= threshold) + (lo * ii * inv_j[j] <= cos_threshold)
                 pos += p
                 neg += q
                 amb = (k1 - k0) - p - q
-                if amb and gamma > 0.0:
+                if h or (amb and gamma > 0.0):
                     for j in range(k0, k1):
                         b = np.float64(B[i, j])
                         e = ni * gnorm_j[j]
-                        if not (b > e or b < -e):
+                        lo = b - e
+                        if gamma > 0.0 and not (b > e or b < -e):
                             if n_amb < cap:
                                 amb_i[n_amb] = i
                                 amb_j[n_amb] = j
                             n_amb += 1
+                        if lo <= threshold or lo * ii * inv_j[j] <= cos_threshold:
+                            if n_cand < cap:
+                                cand_i[n_cand] = i
+                                cand_j[n_cand] = j
+                            n_cand += 1
+                if amb and gamma > 0.0:
                     counted += p + q
                 else:
                     counted += k1 - k0  # exact zeros (gamma == 0) count with sign 0
@@ -141,29 +160,19 @@ def pair_block(B, norms_i, gnorm_j, codes_i, seg_start, seg_end, seg_class, gamm
             if ci != cj:
                 sign_sum[cj, ci] += ssum
                 pair_count[cj, ci] += counted
-    return n_amb
+    return n_amb, n_cand
 
 
 @numba.njit(cache=True)
-def min_candidates(B, norms_i, norms_j, inv_i, inv_j, gamma, diag, threshold, cos_threshold, cand_i, cand_j):
-    """Pairs whose lower bound (B - gamma n_i n_j) could beat ``threshold`` (inner product) or
-    ``cos_threshold`` (cosine; computed exactly as in pair_block so that a tie is a hit). Returns how
-    many there are (only the first len(cand_i) are stored)."""
-    bi, bj = B.shape
-    cap = cand_i.shape[0]
-    k = 0
-    for i in range(bi):
-        ni = norms_i[i]
-        start = i + 1 if diag else 0
-        for j in range(start, bj):
-            nj = norms_j[j]
-            lo = np.float64(B[i, j]) - gamma * ni * nj
-            hit = lo <= threshold
-            if not hit:
-                hit = lo * inv_i[i] * inv_j[j] <= cos_threshold
-            if hit:
-                if k < cap:
-                    cand_i[k] = i
-                    cand_j[k] = j
-                k += 1
-    return k
+def exact_dots(Xi, Xj, I, J):
+    """<Xi[I[k]], Xj[J[k]]> for every k, accumulated in float64 from the stored values."""
+    out = np.empty(I.shape[0])
+    d = Xi.shape[1]
+    for k in range(I.shape[0]):
+        a = I[k]
+        b = J[k]
+        s = 0.0
+        for t in range(d):
+            s += np.float64(Xi[a, t]) * np.float64(Xj[b, t])
+        out[k] = s
+    return out
