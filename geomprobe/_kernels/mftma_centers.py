@@ -54,48 +54,72 @@ def _diag_inv(C, c):
 
 
 @njit(cache=True, nogil=True)
+def _cost_grad(Y, YT, C, V, want_grad):
+    """(cost, Euclidean gradient or zeros) at V; YT = Y^T (contiguous). No P x P temporary.
+
+    Row by row with inner loops over all b (numba vectorises them; no scalar reduction chains): row a
+    of M = C - c c^T, w_ab = M_ab / (d_a d_b), and per column u_b = sum_a w_ab M_ab (diagonal term
+    included). By symmetry u_a is also row a's sum, cost = sum_a u_a / 2, and the gradient is
+    -2 Y^T (W - diag(u)) c with (W c)^T accumulated per column. The cost is computed by the same
+    operations whether or not the gradient is wanted (bit-identical values).
+    cost = +inf (gradient zeros) when a residual row vanishes.
+    """
+    P, n = Y.shape
+    K = V.shape[1]
+    ct = np.ascontiguousarray(np.dot(Y, V).T)        # c^T, (K, P)
+    inv_d = np.empty(P)
+    for a in range(P):
+        acc = C[a, a]
+        for k in range(K):
+            acc -= ct[k, a] * ct[k, a]
+        if not acc > 0.0:
+            return np.inf, np.zeros((n, K))
+        inv_d[a] = 1.0 / acc
+    u = np.zeros(P)
+    mrow = np.empty(P)
+    Wct = np.zeros((K, P))
+    for a in range(P):
+        ia = inv_d[a]
+        Ca = C[a]
+        for b in range(P):
+            mrow[b] = Ca[b]
+        for k in range(K):
+            cak = ct[k, a]
+            ck = ct[k]
+            for b in range(P):
+                mrow[b] -= cak * ck[b]
+        for b in range(P):
+            w = mrow[b] * inv_d[b] * ia
+            u[b] += w * mrow[b]
+            mrow[b] = w
+        if want_grad:
+            for k in range(K):
+                cak = ct[k, a]
+                Wk = Wct[k]
+                for b in range(P):
+                    Wk[b] += mrow[b] * cak
+    f = 0.0
+    for b in range(P):
+        f += u[b]
+    f *= 0.5
+    if not want_grad:
+        return f, np.zeros((n, K))
+    for k in range(K):
+        for b in range(P):
+            Wct[k, b] -= u[b] * inv_d[b] * ct[k, b]
+    return f, -2.0 * np.dot(YT, np.ascontiguousarray(Wct.T))
+
+
+@njit(cache=True, nogil=True)
 def center_cost(Y, C, V):
     """cost(V); returns +inf when a residual row vanishes (cosine undefined)."""
-    c = np.dot(Y, V)
-    P = C.shape[0]
-    inv_d, ok = _diag_inv(C, c)
-    if not ok:
-        return np.inf
-    CC = np.dot(c, c.T)
-    f = 0.0
-    for a in range(P):
-        fa = 0.0
-        for b in range(a + 1, P):
-            m = C[a, b] - CC[a, b]
-            fa += m * m * inv_d[b]
-        f += fa * inv_d[a]
-    return 0.5 * P + f
+    return _cost_grad(Y, np.ascontiguousarray(Y.T), C, V, False)[0]
 
 
 @njit(cache=True, nogil=True)
 def center_cost_grad(Y, C, V):
     """(cost, Euclidean gradient) at V; cost = +inf (gradient zeros) when a residual row vanishes."""
-    c = np.dot(Y, V)
-    P = C.shape[0]
-    inv_d, ok = _diag_inv(C, c)
-    if not ok:
-        return np.inf, np.zeros_like(V)
-    CC = np.dot(c, c.T)
-    Wt = np.empty((P, P))
-    f = 0.0
-    for a in range(P):
-        ua = 0.0
-        ia = inv_d[a]
-        for b in range(P):
-            m = C[a, b] - CC[a, b]
-            w = m * ia * inv_d[b]
-            Wt[a, b] = w
-            ua += w * m
-        # diagonal of W - diag(u): 1/d_a - (sum_b F_ab)/d_a, with F_aa = 1
-        Wt[a, a] = ia - ua * ia
-        f += ua
-    G = -2.0 * np.dot(Y.T, np.dot(Wt, c))
-    return 0.5 * f, G
+    return _cost_grad(Y, np.ascontiguousarray(Y.T), C, V, True)
 
 
 @njit(cache=True, nogil=True)
@@ -146,7 +170,8 @@ def fit_frame(Y, C, V0, max_iter, gtol, min_step, exact=False):
     stopping, and at most max_iter - 1 iterations (pymanopt tests iter + 1 >= maxiter).
     """
     V = V0.copy()
-    f, eg = center_cost_grad(Y, C, V)
+    YT = np.ascontiguousarray(Y.T)
+    f, eg = _cost_grad(Y, YT, C, V, True)
     if not np.isfinite(f):
         return V, f, 0, np.inf
     g = _proj(V, eg)
@@ -164,13 +189,15 @@ def fit_frame(Y, C, V0, max_iter, gtol, min_step, exact=False):
             df0 = -gg
         dn = np.sqrt(np.sum(d * d))
         alpha = old_alpha if old_alpha > 0.0 else 1.0 / dn
+        # every trial also yields its gradient (the cost is bit-identical with or without it), so
+        # the accepted point's gradient is not recomputed
         Vn = _qr_retract(V + alpha * d)
-        fn = center_cost(Y, C, Vn)
+        fn, egn = _cost_grad(Y, YT, C, Vn, True)
         evals = 1
         while fn > f + 0.5 * alpha * df0 and evals <= max_trials:
             alpha *= 0.5
             Vn = _qr_retract(V + alpha * d)
-            fn = center_cost(Y, C, Vn)
+            fn, egn = _cost_grad(Y, YT, C, Vn, True)
             evals += 1
         if fn > f:
             # line search failed: pymanopt stops here; we restart once along -g with a fresh step
@@ -186,7 +213,6 @@ def fit_frame(Y, C, V0, max_iter, gtol, min_step, exact=False):
         old_alpha = alpha if evals == 2 else 2.0 * alpha
         if step < min_step and not exact:
             break
-        fn, egn = center_cost_grad(Y, C, Vn)
         gn = _proj(Vn, egn)
         ggn = np.sum(gn * gn)
         gt = _proj(Vn, g)          # transported old gradient
