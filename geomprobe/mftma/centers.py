@@ -4,6 +4,7 @@ Works on the (P, N) matrix of class centers only (thin QR / SVD; never an N x N 
 """
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -124,59 +125,64 @@ def fit_center_model(centers: np.ndarray, rng: np.random.Generator | np.random.R
     n_fits = 0
     iters = 0
     Vprev = np.zeros((n, 0))
-    for k in range(1, last + 1):
-        if k >= n:
-            # removing all n center directions leaves zero residual centers: cosines undefined
-            res.append(np.nan)
-            stab.append(0.0)
-            ratio.append(0.0)
-            frames.append(None)
-            notes.append(f"K = {k} skipped: it removes every center direction (P = {P})")
-            break
-        V0s = np.empty((n_reps, n, k))
-        for r in range(n_reps):
-            if reference:
-                rng.randn(P, 1)                           # the reference's unused s
-                V0s[r] = np.linalg.qr(rng.randn(n, k))[0]  # pymanopt Stiefel(n, k).rand()
+    with contextlib.ExitStack() as stack:
+        # one pool (and one BLAS thread limit) for all K: threadpoolctl costs milliseconds per entry
+        pool = None
+        if n_threads > 1 and last >= 1:
+            stack.enter_context(blas_threads(1))
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=n_workers(n_reps)))
+        for k in range(1, last + 1):
+            if k >= n:
+                # removing all n center directions leaves zero residual centers: cosines undefined
+                res.append(np.nan)
+                stab.append(0.0)
+                ratio.append(0.0)
+                frames.append(None)
+                notes.append(f"K = {k} skipped: it removes every center direction (P = {P})")
+                break
+            V0s = np.empty((n_reps, n, k))
+            for r in range(n_reps):
+                if reference:
+                    rng.randn(P, 1)                           # the reference's unused s
+                    V0s[r] = np.linalg.qr(rng.randn(n, k))[0]  # pymanopt Stiefel(n, k).rand()
+                else:
+                    A = np.concatenate([(starts[k - 1, r] @ Y)[:, None], Vprev], axis=1)
+                    V0s[r] = _sign_fixed_qr(A)[0]
+            if pool is not None:
+                fits = list(pool.map(lambda r: fit_and_score(Y, C, V0s[r], max_iter, gtol, min_step,
+                                                             reference), range(n_reps)))
             else:
-                A = np.concatenate([(starts[k - 1, r] @ Y)[:, None], Vprev], axis=1)
-                V0s[r] = _sign_fixed_qr(A)[0]
-        if n_threads > 1:
-            with blas_threads(1), ThreadPoolExecutor(max_workers=n_workers(n_reps)) as ex:
-                fits = list(ex.map(lambda r: fit_and_score(Y, C, V0s[r], max_iter, gtol, min_step,
-                                                           reference), range(n_reps)))
-        else:
-            fits = [fit_and_score(Y, C, V0s[r], max_iter, gtol, min_step, reference)
-                    for r in range(n_reps)]
-        out_V = [f[0] for f in fits]
-        out_stab = np.array([f[4] for f in fits])
-        out_it = np.array([f[2] for f in fits])
-        n_fits += n_reps
-        iters += int(out_it.sum())
-        # reference rule: keep the first rep with the strictly largest stability (> 0)
-        best = -1
-        best_stab = 0.0
-        for r in range(n_reps):
-            if out_stab[r] > best_stab:
-                best_stab = out_stab[r]
-                best = r
-        if best < 0 or best_stab < MIN_STABILITY:
-            res.append(np.nan)
-            stab.append(best_stab)
-            ratio.append(0.0)
-            frames.append(None)
-            notes.append(f"K = {k} skipped: every fit removes a center entirely (stability {best_stab:.2g})")
-            break
-        V = out_V[best]
-        rc, st, nr = residual_stats(Y, C, V)
-        res.append(rc)
-        stab.append(st)
-        ratio.append(nr)
-        frames.append(V)
-        Vprev = V
-        if ((K is None or (reference and k >= K)) and k > 4
-                and res[k - 1] > res[k - 2] > res[k - 3] > res[k - 4]):
-            break
+                fits = [fit_and_score(Y, C, V0s[r], max_iter, gtol, min_step, reference)
+                        for r in range(n_reps)]
+            out_V = [f[0] for f in fits]
+            out_stab = np.array([f[4] for f in fits])
+            out_it = np.array([f[2] for f in fits])
+            n_fits += n_reps
+            iters += int(out_it.sum())
+            # reference rule: keep the first rep with the strictly largest stability (> 0)
+            best = -1
+            best_stab = 0.0
+            for r in range(n_reps):
+                if out_stab[r] > best_stab:
+                    best_stab = out_stab[r]
+                    best = r
+            if best < 0 or best_stab < MIN_STABILITY:
+                res.append(np.nan)
+                stab.append(best_stab)
+                ratio.append(0.0)
+                frames.append(None)
+                notes.append(f"K = {k} skipped: every fit removes a center entirely (stability {best_stab:.2g})")
+                break
+            V = out_V[best]
+            rc, st, nr = residual_stats(Y, C, V)
+            res.append(rc)
+            stab.append(st)
+            ratio.append(nr)
+            frames.append(V)
+            Vprev = V
+            if ((K is None or (reference and k >= K)) and k > 4
+                    and res[k - 1] > res[k - 2] > res[k - 3] > res[k - 4]):
+                break
     res_arr = np.array(res, dtype=float)
     if K is None:
         if np.all(np.isnan(res_arr)):
