@@ -48,18 +48,22 @@ class Subset:
     labels: np.ndarray  # int64, len(rows)
 
 
+def _read_npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of a .npy stream positioned at its start; leaves fh at the data."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fh)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(fh)
+    return np.lib.format._read_array_header(fh, version)  # noqa: SLF001
+
+
 def _header(zf: zipfile.ZipFile, member: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """Read a .npy member's shape and dtype without loading its data."""
     key = member[:-4]
     try:
         with zf.open(member) as fh:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-            else:
-                shape, fortran, dtype = np.lib.format._read_array_header(fh, version)  # noqa: SLF001
+            shape, _, dtype = _read_npy_header(fh)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise InputError(f"{path}: key '{key}' is not a readable .npy array ({exc})") from None
     return tuple(int(s) for s in shape), np.dtype(dtype)
@@ -288,13 +292,7 @@ class ActivationFile:
     def _npy_layout(self, key: str) -> tuple[int, bool]:
         """(offset of the array data inside its .npy member, fortran_order)."""
         with self._zip.open(key + ".npy") as fh:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                _, fortran, _ = np.lib.format.read_array_header_1_0(fh)
-            elif version == (2, 0):
-                _, fortran, _ = np.lib.format.read_array_header_2_0(fh)
-            else:
-                _, fortran, _ = np.lib.format._read_array_header(fh, version)  # noqa: SLF001
+            _, fortran, _ = _read_npy_header(fh)
             return fh.tell(), bool(fortran)
 
     def _member_data_offset(self, key: str) -> int:
