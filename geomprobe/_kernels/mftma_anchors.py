@@ -28,6 +28,40 @@ _DEP_TOL = 1e-11
 
 
 @njit(cache=True, nogil=True)
+def _accept_or_step(y, z, idx, k):
+    """Lawson-Hanson inner step on the passive set idx[:k] with least-squares solution y.
+
+    If every y is positive, accept it (z[idx] = y) and return True. Otherwise move z towards y
+    until the first passive variable hits zero (that one is set to exactly 0) and return False;
+    the caller then drops the passive columns that reached zero.
+    """
+    ok = True
+    for q in range(k):
+        if y[q] <= 0.0:
+            ok = False
+            break
+    if ok:
+        for q in range(k):
+            z[idx[q]] = y[q]
+        return True
+    step = 1.0
+    qmin = -1
+    for q in range(k):
+        if y[q] <= 0.0:
+            zi = z[idx[q]]
+            a = zi / (zi - y[q])
+            if a < step:
+                step = a
+                qmin = q
+    for q in range(k):
+        i = idx[q]
+        z[i] += step * (y[q] - z[i])
+    if qmin >= 0:
+        z[idx[qmin]] = 0.0
+    return False
+
+
+@njit(cache=True, nogil=True)
 def _chol_rebuild(G, idx, k, L, keep):
     """Cholesky of G[idx[:k]][:, idx[:k]] into L; columns whose pivot fails are dropped.
 
@@ -141,30 +175,8 @@ def _nnls_ws(G, b, z, max_iter, passive, excluded, idx, keep, L, rhs, y, w):
                 excluded[j] = True
                 break
             first = False
-            ok = True
-            for q in range(k):
-                if y[q] <= 0.0:
-                    ok = False
-                    break
-            if ok:
-                for q in range(k):
-                    z[idx[q]] = y[q]
+            if _accept_or_step(y, z, idx, k):
                 break
-            # step towards y until the first passive variable hits zero
-            step = 1.0
-            qmin = -1
-            for q in range(k):
-                if y[q] <= 0.0:
-                    zi = z[idx[q]]
-                    a = zi / (zi - y[q])
-                    if a < step:
-                        step = a
-                        qmin = q
-            for q in range(k):
-                i = idx[q]
-                z[i] += step * (y[q] - z[i])
-            if qmin >= 0:
-                z[idx[qmin]] = 0.0
             kk = 0
             for q in range(k):
                 i = idx[q]

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .mftma_anchors import _accept_or_step
+
 _DEP_TOL = 1e-11
 
 
@@ -119,29 +121,8 @@ def hull_nnls(A, max_iter):
                 excluded[j] = True
                 break
             first = False
-            ok = True
-            for q in range(k):
-                if y[q] <= 0.0:
-                    ok = False
-                    break
-            if ok:
-                for q in range(k):
-                    z[idx[q]] = y[q]
+            if _accept_or_step(y, z, idx, k):
                 break
-            step = 1.0
-            qmin = -1
-            for q in range(k):
-                if y[q] <= 0.0:
-                    zi = z[idx[q]]
-                    a = zi / (zi - y[q])
-                    if a < step:
-                        step = a
-                        qmin = q
-            for q in range(k):
-                i = idx[q]
-                z[i] += step * (y[q] - z[i])
-            if qmin >= 0:
-                z[idx[qmin]] = 0.0
             # drop the passive columns that reached zero: Givens downdates of the Cholesky factor
             for q in range(k - 1, -1, -1):
                 i = idx[q]
@@ -224,29 +205,8 @@ def _to_ls_solution(L, k, idx, z, passive, excluded, y, rhs, it, max_iter):
         if it > max_iter:
             return k, it, 1
         _solve_ones(L, k, rhs, y)
-        ok = True
-        for q in range(k):
-            if y[q] <= 0.0:
-                ok = False
-                break
-        if ok:
-            for q in range(k):
-                z[idx[q]] = y[q]
+        if _accept_or_step(y, z, idx, k):
             return k, it, 0
-        step = 1.0
-        qmin = -1
-        for q in range(k):
-            if y[q] <= 0.0:
-                zi = z[idx[q]]
-                a = zi / (zi - y[q])
-                if a < step:
-                    step = a
-                    qmin = q
-        for q in range(k):
-            i = idx[q]
-            z[i] += step * (y[q] - z[i])
-        if qmin >= 0:
-            z[idx[qmin]] = 0.0
         for q in range(k - 1, -1, -1):
             i = idx[q]
             if not z[i] > 0.0:
