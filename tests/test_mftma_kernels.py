@@ -268,3 +268,23 @@ def test_cvxpy_status_failure_raises(monkeypatch, rng):
     with pytest.raises(AnalysisError, match=r"cvxpy solver CLARABEL returned status 'infeasible_inaccurate' "
                                             r"on the anchor QP of manifold 7, sample 0 \(size: 4 variables, 4 constraints\)"):
         cvxpy_anchors(S, T, 0.0, manifold=7)
+
+
+def test_center_fit_lbfgs_reaches_the_cg_stationary_points(rng):
+    """The default optimiser (L-BFGS) and the reference's CG (exact=True) stop at stationary points
+    of the same cost; started from the same frame they find the same minimum on most problems (the
+    cost has several local minima, so a different path may end in another one)."""
+    same = 0
+    for trial in range(10):
+        P = int(rng.integers(6, 30))
+        K = int(rng.integers(1, 4))
+        Y = rng.standard_normal((P, P - 1)) * np.linspace(2.0, 0.5, P - 1)
+        C = Y @ Y.T
+        V0 = np.linalg.qr(rng.standard_normal((P - 1, K)))[0]
+        Vl, fl, itl, gl = fit_frame(Y, C, V0, 3000, 1e-8, 1e-14)
+        Vc, fc, itc, gc = fit_frame(Y, C, V0, 3000, 1e-8, 1e-14, True)
+        assert fl < center_cost(Y, C, V0) and fl == pytest.approx(center_cost(Y, C, Vl), rel=1e-14)
+        assert gl < 1e-6
+        np.testing.assert_allclose(Vl.T @ Vl, np.eye(K), atol=1e-12)
+        same += abs(fl - fc) <= 1e-9 * fc
+    assert same >= 7

@@ -50,8 +50,10 @@ CRITERIA = {
     "e3_identity_min": 0.5,  # shallow ConvNet: identity correlation on orthogonal inputs (rho = 0)
     # E4
     "e4_min_r2": 0.9,  # normalised train vs test loss line
-    "e4_max_unnorm_r2": 0.5,  # unnormalised losses are not on a line
-    "e4_random_residual": 3.0,  # |residual| of the random-label net <= this x RMSE of the true-label fit
+    "e4_on_line": 0.05,  # normalised: random-label net's |residual| <= this x range of true-label test losses
+    "e4_unnorm_r2_gap": 0.1,  # unnormalised R^2 <= normalised R^2 - this
+    "e4_off_line": 0.5,  # unnormalised: random-label net's |residual| >= this x range of true-label test losses
+    "e4_max_unnorm_r2": 0.5,  # without a random-label net: unnormalised R^2 <= this
 }
 
 EFFECT_NAMES = {
@@ -561,36 +563,46 @@ def _e4(out: Path, exp: dict, missing: list[str]):
     rows = _read_jsonl(out / "normalized_loss.jsonl")
     data = {"nets": rows}
     c = CRITERIA
-    crit0 = (f"least-squares line test = a * train + b over all nets (random-label net included) of the normalised "
-             f"cross-entropy: R^2 >= {c['e4_min_r2']}; and the random-label net's residual from the true-label nets' "
-             f"line <= {c['e4_random_residual']} x that line's RMSE (or 1e-3 of the loss range)")
-    crit1 = f"the same fit of the unnormalised losses: R^2 <= {c['e4_max_unnorm_r2']} (and below the normalised R^2)"
+    crit0 = (f"least-squares line test = a * train + b of the normalised cross-entropy over all nets (random-label "
+             f"net included): R^2 >= {c['e4_min_r2']}; and the random-label net lies on the true-label nets' line: "
+             f"|residual| <= {c['e4_on_line']} x the range of their normalised test losses")
+    crit1 = (f"the same fit of the unnormalised cross-entropy: R^2 <= normalised R^2 - {c['e4_unnorm_r2_gap']}, and the "
+             f"random-label net is off the true-label nets' line: |residual| >= {c['e4_off_line']} x the range of their "
+             f"test losses (without a random-label net: R^2 <= {c['e4_max_unnorm_r2']})")
     crit2 = "true-label nets: Spearman(log product of norms, test error) > 0"
     if len(rows) < 3:
         missing.append("normalized_loss.jsonl with >= 3 nets")
         return [_missing(n, "normalized_loss.jsonl with >= 3 nets", cr) for n, cr in zip(names, (crit0, crit1, crit2))], data
-    tr = [r["train_normalized_loss"] for r in rows]
-    te = [r["test_normalized_loss"] for r in rows]
-    fit_n = _fit(tr, te)
-    fit_u = _fit([r["train_loss"] for r in rows], [r["test_loss"] for r in rows])
-    data["fit_normalized"], data["fit_unnormalized"] = fit_n, fit_u
     true = [r for r in rows if not r.get("random_labels")]
     rand = [r for r in rows if r.get("random_labels")]
-    resid = None
-    ok_rand = True
-    if rand and len(true) >= 3:
-        ft = _fit([r["train_normalized_loss"] for r in true], [r["test_normalized_loss"] for r in true])
-        data["fit_normalized_true_only"] = ft
-        r0 = rand[0]
-        resid = r0["test_normalized_loss"] - (ft["slope"] * r0["train_normalized_loss"] + ft["intercept"])
-        tol = max(c["e4_random_residual"] * (ft["rmse"] or 0.0), 1e-3 * float(np.ptp(te)))
-        ok_rand = math.isfinite(resid) and abs(resid) <= tol
-    elif not rand:
+    if not rand:
         missing.append("a random-label net (random_label_std >= 0)")
-    eff = [_effect(names[0], math.isfinite(fit_n["r2"]) and fit_n["r2"] >= c["e4_min_r2"] and ok_rand,
-                   {**fit_n, "random_label_residual": resid}, crit0),
-           _effect(names[1], math.isfinite(fit_u["r2"]) and fit_u["r2"] <= c["e4_max_unnorm_r2"]
-                   and (not math.isfinite(fit_n["r2"]) or fit_u["r2"] < fit_n["r2"]), fit_u, crit1)]
+
+    def line(kind: str) -> tuple[dict, float | None]:
+        """Fit over all nets, and the random-label net's residual from the true-label nets' line relative to
+        the range of their test losses (None without a random-label net or with < 3 true-label nets)."""
+        tr, te = f"train_{kind}", f"test_{kind}"
+        fit = _fit([r[tr] for r in rows], [r[te] for r in rows])
+        if not rand or len(true) < 3:
+            return fit, None
+        ft = _fit([r[tr] for r in true], [r[te] for r in true])
+        span = float(np.ptp([r[te] for r in true]))
+        resid = rand[0][te] - (ft["slope"] * rand[0][tr] + ft["intercept"])
+        fit.update(true_only=ft, random_label_residual=float(resid),
+                   random_label_relative_residual=float(abs(resid) / span) if span > 0 else float("nan"))
+        return fit, fit["random_label_relative_residual"]
+
+    fit_n, rel_n = line("normalized_loss")
+    fit_u, rel_u = line("loss")
+    data["fit_normalized"], data["fit_unnormalized"] = fit_n, fit_u
+    r2n, r2u = fit_n["r2"], fit_u["r2"]
+    ok0 = math.isfinite(r2n) and r2n >= c["e4_min_r2"] and (rel_n is None or rel_n <= c["e4_on_line"])
+    if rel_u is None:
+        ok1 = math.isfinite(r2u) and r2u <= c["e4_max_unnorm_r2"]
+    else:
+        ok1 = (math.isfinite(r2u) and math.isfinite(r2n) and r2u <= r2n - c["e4_unnorm_r2_gap"]
+               and rel_u >= c["e4_off_line"])
+    eff = [_effect(names[0], ok0, fit_n, crit0), _effect(names[1], ok1, fit_u, crit1)]
     lp = [r["log_norm_product"] for r in true]
     err = [1.0 - r["test_acc"] for r in true]
     rho = _spearman(lp, err)

@@ -282,9 +282,13 @@ def run_identity_crisis(o: IdentityCrisisOptions, out: Path, force: bool) -> dic
         model = Mo.build_model(kind, ds.input_shape, seed=o.seed, **kw)
         Mo.set_trainable(model, o.trainable)
         w0 = {k: v.clone() for k, v in model.state_dict().items()}
-        per_epoch = min(o.steps, 50)
-        cfg = _cfg(o, epochs=max(1, math.ceil(o.steps / per_epoch)), repeat=per_epoch, max_steps=o.steps, batch_size=1,
-                   optimizer=o.optimizer, lr=lr, momentum=o.momentum if o.optimizer == "sgd" else 0.0, loss="mse",
+        conv = kind == "deep-convnet"
+        steps = (o.conv_steps or o.steps) if conv else o.steps
+        optimizer = o.conv_optimizer if conv else o.optimizer
+        per_epoch = min(steps, 50)
+        cfg = _cfg(o, epochs=max(1, math.ceil(steps / per_epoch)), repeat=per_epoch, max_steps=steps, batch_size=1,
+                   optimizer=optimizer, lr=o.conv_lr if conv else lr,
+                   momentum=o.momentum if optimizer == "sgd" else 0.0, loss="mse",
                    stop_train_loss=o.stop_train_loss, keep_every=0)
         try:
             res = train(model, x_hat, x_hat, cfg=cfg, out=rdir, force=force, if_done="return",

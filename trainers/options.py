@@ -111,6 +111,9 @@ class IdentityCrisisOptions(_Common):
     scale_lr: bool = True  # the step size is lr / ||x_hat||^2 (GD on 0.5 ||f(x) - x||^2 is then stable)
     momentum: float = 0.9
     steps: int = 2000
+    conv_optimizer: str = "adam"  # the ConvNets' optimiser (GD with lr / ||x_hat||^2 diverges for depth >= 3)
+    conv_lr: float = 1e-4
+    conv_steps: int = 0  # 0: the same as steps
     stop_train_loss: float = 1e-6
     rho: list = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 0.9, 1.0])
     n_per_rho: int = 10

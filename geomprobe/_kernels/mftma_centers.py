@@ -8,7 +8,9 @@ For an orthonormal frame V (n x K) the residual Gram matrix is M = C - (YV)(YV)^
 Euclidean gradient: with W_ab = M_ab / (d_a d_b), u_a = sum_b M_ab^2 / (d_a^2 d_b) and c = Y V,
     dcost/dV = -2 Y^T (W - diag(u)) c.
 The cost depends on span(V) only (a Grassmann problem); the Riemannian gradient is (I - V V^T) dcost/dV.
-The optimiser is the reference's: Riemannian conjugate gradient as in pymanopt 0.2.5 (see fit_frame).
+Optimisers (fit_frame): the reference's Riemannian conjugate gradient as in pymanopt 0.2.5 (exact=True,
+seed_mode="reference"), and a Riemannian L-BFGS (default) that reaches the same gradient tolerance with
+about half the cost evaluations.
 
 Kernels never raise and run unchanged with NUMBA_DISABLE_JIT=1.
 """
@@ -153,7 +155,7 @@ def _proj(V, X):
 
 
 @njit(cache=True, nogil=True)
-def fit_frame(Y, C, V0, max_iter, gtol, min_step, exact=False):
+def fit_frame_cg(Y, C, V0, max_iter, gtol, min_step, exact=False):
     """Riemannian CG from V0; returns (V, cost, iterations, final gradient norm).
 
     The reference's optimiser (pymanopt 0.2.5 ConjugateGradient defaults) re-implemented:
@@ -232,6 +234,125 @@ def fit_frame(Y, C, V0, max_iter, gtol, min_step, exact=False):
         if step < min_step:   # exact: pymanopt takes the short step, then stops
             break
     return V, f, it, np.sqrt(gg)
+
+
+@njit(cache=True, nogil=True)
+def _dot(A, B):
+    """Frobenius inner product of two arrays of one shape (no temporary)."""
+    a = A.ravel()
+    b = B.ravel()
+    s = 0.0
+    for i in range(a.size):
+        s += a[i] * b[i]
+    return s
+
+
+@njit(cache=True, nogil=True)
+def _axpy(alpha, X, Y):
+    """Y += alpha X, in place."""
+    x = X.ravel()
+    y = Y.ravel()
+    for i in range(x.size):
+        y[i] += alpha * x[i]
+
+
+#: L-BFGS memory (pairs) and Armijo sufficient-decrease constant of fit_frame_lbfgs
+LBFGS_MEMORY = 8
+LBFGS_ARMIJO = 1e-4
+
+
+@njit(cache=True, nogil=True)
+def fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step):
+    """Riemannian L-BFGS from V0 on the Grassmann manifold; returns (V, cost, iterations, gradient norm).
+
+    Two-loop recursion over the last LBFGS_MEMORY pairs (s, y) (s = the step projected onto the new
+    tangent space, y = new gradient - old gradient projected there; a pair is kept only when
+    <s, y> > 0), initial scaling <s, y> / <y, y>, direction projected onto the tangent space (steepest
+    descent when it is not a descent direction, memory cleared); unit first trial step, halved until
+    the Armijo condition holds (at most 40 halvings); QR retraction. Stops when the Riemannian
+    gradient norm is <= gtol, the step is shorter than min_step, the line search fails, or after
+    max_iter iterations. Same stopping tolerance as the CG, about half its cost evaluations.
+    """
+    n, K = V0.shape
+    mem = LBFGS_MEMORY
+    V = V0.copy()
+    YT = np.ascontiguousarray(Y.T)
+    f, eg = _cost_grad(Y, YT, C, V, True)
+    if not np.isfinite(f):
+        return V, f, 0, np.inf
+    g = _proj(V, eg)
+    gg = _dot(g, g)
+    S = np.zeros((mem, n, K))
+    Yv = np.zeros((mem, n, K))
+    rho = np.zeros(mem)
+    a = np.zeros(mem)
+    q = np.empty((n, K))
+    cnt = 0
+    head = 0
+    gamma = -1.0
+    it = 0
+    while it < max_iter and np.sqrt(gg) > gtol:
+        it += 1
+        q[:] = g
+        for j in range(cnt):
+            i = (head - 1 - j) % mem
+            a[i] = rho[i] * _dot(S[i], q)
+            _axpy(-a[i], Yv[i], q)
+        q *= gamma if gamma > 0.0 else 1.0 / np.sqrt(gg)
+        for j in range(cnt - 1, -1, -1):
+            i = (head - 1 - j) % mem
+            _axpy(a[i] - rho[i] * _dot(Yv[i], q), S[i], q)
+        d = _proj(V, q)
+        d *= -1.0
+        df0 = _dot(g, d)
+        if not df0 < 0.0:
+            d = g * (-1.0 / np.sqrt(gg))
+            df0 = -np.sqrt(gg)
+            cnt = 0
+        alpha = 1.0
+        Vn = _qr_retract(V + d)
+        fn, egn = _cost_grad(Y, YT, C, Vn, True)
+        halvings = 0
+        while not fn <= f + LBFGS_ARMIJO * alpha * df0 and halvings < 40:
+            alpha *= 0.5
+            Vn = _qr_retract(V + alpha * d)
+            fn, egn = _cost_grad(Y, YT, C, Vn, True)
+            halvings += 1
+        if not fn <= f + LBFGS_ARMIJO * alpha * df0:
+            break
+        step = alpha * np.sqrt(_dot(d, d))
+        gn = _proj(Vn, egn)
+        s_new = _proj(Vn, d)
+        s_new *= alpha
+        y_new = gn - _proj(Vn, g)
+        sy = _dot(s_new, y_new)
+        yy = _dot(y_new, y_new)
+        if sy > 1e-12 * np.sqrt(_dot(s_new, s_new) * yy):
+            S[head] = s_new
+            Yv[head] = y_new
+            rho[head] = 1.0 / sy
+            head = (head + 1) % mem
+            cnt = min(cnt + 1, mem)
+            gamma = sy / yy
+        V = Vn
+        f = fn
+        g = gn
+        gg = _dot(g, g)
+        if step < min_step:
+            break
+    return V, f, it, np.sqrt(gg)
+
+
+@njit(cache=True, nogil=True)
+def fit_frame(Y, C, V0, max_iter, gtol, min_step, exact=False):
+    """Fit the frame from V0: (V, cost, iterations, final gradient norm).
+
+    exact=True: pymanopt 0.2.5's conjugate gradient to the letter (fit_frame_cg), for
+    seed_mode="reference". exact=False: Riemannian L-BFGS (fit_frame_lbfgs)."""
+    if exact:
+        return fit_frame_cg(Y, C, V0, max_iter, gtol, min_step, True)
+    return fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step)
+
 
 
 @njit(cache=True, nogil=True)

@@ -104,35 +104,59 @@ def _chol_r(G: np.ndarray) -> np.ndarray | None:
     return R
 
 
-def _prepare_one(Xi: np.ndarray, xbar: np.ndarray, V11: np.ndarray) -> np.ndarray:
+def _within_gram(Xi: np.ndarray, ci: np.ndarray) -> np.ndarray | None:
+    """(m x m) float64 Gram matrix of the manifold's points about their own center, (Xi - ci)(Xi - ci)^T.
+
+    It does not depend on the center model, so manifold_analysis computes it while the center
+    model is fitted. None when N < m (_prepare_one then takes the QR route)."""
+    m, N = Xi.shape
+    if N < m:
+        return None
+    Zc = np.subtract(Xi, ci, dtype=np.float64)
+    return Zc @ Zc.T
+
+
+def _prepare_one(Xi: np.ndarray, ci: np.ndarray, xbar: np.ndarray, V11: np.ndarray,
+                 G0: np.ndarray | None = None) -> np.ndarray:
     """sD1 of one manifold (spec steps 8-11), in a canonical basis.
 
-    Points are ordered by decreasing norm and S is replaced by the sign-fixed R factor of its QR
-    (R = Q^T S, an isometry of S), so the result does not depend on the order of the points or on a
-    rotation of the features. D = min(N, m) (the reference: m if N > m, else N).
-
-    R is the Cholesky factor of the (m x m) float64 Gram matrix S S^T (the same R up to rounding, far
-    cheaper than a QR of the N x m matrix; no reordering of the points' coordinates needed); it falls
-    back to the QR when N < m or the Gram matrix is (nearly) rank-deficient beyond the centring.
+    Spec: Z = (Xi - xbar)(I - V11 V11^T), S = (Z - mean(Z)) / ||mean(Z)||. Since the projection
+    commutes with the centring, Z - mean(Z) = (Xi - ci)(I - V11 V11^T) with ci the class center, so
+    S S^T = (G0 - p p^T) / ||mean(Z)||^2 with G0 = (Xi - ci)(Xi - ci)^T (see _within_gram; given or
+    computed here) and p = (Xi - ci) V11 (m x K): no m x N projected copy. Points are ordered by
+    decreasing norm and S is replaced by the sign-fixed R factor of its QR (R = Q^T S, an isometry of
+    S), so the result does not depend on the order of the points or on a rotation of the features.
+    D = min(N, m) (the reference: m if N > m, else N). R is the Cholesky factor of S S^T (the same R
+    up to rounding, far cheaper than a QR of the N x m matrix); it falls back to the QR of S^T when
+    N < m or the Gram matrix is (nearly) rank-deficient beyond the centring.
     """
-    Z = np.subtract(Xi, xbar, dtype=np.float64)            # (m, N): per manifold, never all of X
+    m, N = Xi.shape
+    zbar = np.asarray(ci, dtype=np.float64) - xbar
     if V11.shape[1]:
-        # Z -= (Z V11) V11^T in place (BLAS on the transposed, Fortran-ordered view; no m x N temporary)
-        p = Z @ V11
-        Z = scipy.linalg.blas.dgemm(-1.0, V11, p.T, beta=1.0, c=Z.T, overwrite_c=True).T
-    zbar = Z.mean(axis=0)
+        zbar = zbar - V11 @ (V11.T @ zbar)
     nrm = float(np.linalg.norm(zbar))
     if not nrm > 0:
         return np.empty((0, 0))
-    Z -= zbar
-    Z /= nrm
-    order = np.argsort(-np.einsum("ij,ij->i", Z, Z), kind="stable")
-    m, N = Z.shape
     R = None
+    p = None
     if N >= m:
-        G = Z @ Z.T
+        if G0 is None:
+            G0 = _within_gram(Xi, ci)
+        G = G0
+        if V11.shape[1]:
+            p = np.subtract(Xi, ci, dtype=np.float64) @ V11
+            G = G0 - p @ p.T
+        G = G / (nrm * nrm)
+        order = np.argsort(-np.diag(G), kind="stable")
         R = _chol_r(G[np.ix_(order, order)])
     if R is None:
+        Z = np.subtract(Xi, ci, dtype=np.float64)            # (m, N): per manifold, never all of X
+        if V11.shape[1]:
+            # Z -= (Z V11) V11^T in place (BLAS on the transposed, Fortran-ordered view)
+            p = Z @ V11
+            Z = scipy.linalg.blas.dgemm(-1.0, V11, p.T, beta=1.0, c=Z.T, overwrite_c=True).T
+        Z /= nrm
+        order = np.argsort(-np.einsum("ij,ij->i", Z, Z), kind="stable")
         R = np.linalg.qr(Z[order].T, mode="r")             # (min(N, m), m)
         sgn = np.where(np.diag(R) < 0, -1.0, 1.0)
         R *= sgn[:, None]
@@ -251,15 +275,22 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
         entropy = rng.integers(0, 2**63 - 1, size=4, dtype=np.int64)
         children = np.random.SeedSequence([int(e) for e in entropy]).spawn(P + 1)
         cm_rng = np.random.default_rng(children[0])
-    # 2. center correlation and center model
+    # 2. center correlation and center model; meanwhile (spawn mode) the within-manifold Gram
+    # matrices, which do not depend on it, on the other cores
     n_threads = _n_threads()
-    cm = fit_center_model(centers[canon], cm_rng, n_reps=n_reps, K=K, n_threads=n_threads)
-    notes.extend(cm.notes)
-    V11 = cm.V11
-    # 3. per-manifold preparation (threads; each manifold independent)
     with blas_threads(1), ThreadPoolExecutor(max_workers=n_workers(P)) as ex:  # no nested BLAS threads
-        prep = _prepare_reference if reference else _prepare_one
-        sd1s = list(ex.map(lambda i: prep(man.get(i), xbar, V11), canon))
+        grams = None
+        if not reference and n_threads > 1:
+            grams = [ex.submit(_within_gram, man.get(i), centers[i]) for i in canon]
+        cm = fit_center_model(centers[canon], cm_rng, n_reps=n_reps, K=K, n_threads=n_threads)
+        notes.extend(cm.notes)
+        V11 = cm.V11
+        # 3. per-manifold preparation (threads; each manifold independent)
+        if reference:
+            sd1s = list(ex.map(lambda i: _prepare_reference(man.get(i), xbar, V11), canon))
+        else:
+            sd1s = list(ex.map(lambda r: _prepare_one(man.get(canon[r]), centers[canon[r]], xbar, V11,
+                                                      grams[r].result() if grams else None), range(P)))
     for r, s in enumerate(sd1s):
         if s.size == 0:
             cls = man.classes[canon[r]]
