@@ -202,6 +202,16 @@ def test_e3_deeper_fcn_is_more_constant(tmp_path):
 
 
 @pytest.mark.slow
+def test_e3_shallow_convnet_identity_deep_convnet_constant(tmp_path):
+    s = _run(tmp_path, "identity-crisis", "small", ["fcn_hidden=[]", "one_layer=false", "conv_depths=1,14",
+                                                     "conv_channels=16", "conv_steps=300"])
+    sh = _eff(s, "shallow_convnet_learns_identity")
+    dp = _eff(s, "deep_convnet_learns_constant")
+    assert sh["identity_at_rho0"] > sh["constant_at_rho0"]
+    assert dp["constant_minus_identity"] > dp["shallowest_constant_minus_identity"]
+
+
+@pytest.mark.slow
 def test_e4_normalized_losses_fit_a_line_better_than_unnormalized(tmp_path):
     s = _run(tmp_path, "normalized-loss", "tiny", ["epochs=40", "n_train=200", "n_test=200", "channels=16",
                                                     "init_stds=0.01,0.03,0.05,0.1"])

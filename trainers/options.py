@@ -112,7 +112,7 @@ class IdentityCrisisOptions(_Common):
     momentum: float = 0.9
     steps: int = 2000
     conv_optimizer: str = "adam"  # the ConvNets' optimiser (GD with lr / ||x_hat||^2 diverges for depth >= 3)
-    conv_lr: float = 1e-4
+    conv_lr: float = 1e-3
     conv_steps: int = 0  # 0: the same as steps
     stop_train_loss: float = 1e-6
     rho: list = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 0.9, 1.0])
@@ -150,8 +150,8 @@ SPECS: dict[str, ExperimentSpec] = {
         {
             "tiny": dict(dataset="digits", n_train=300, n_test=200, hidden=64, sigmas=[0.01, 10.0], epochs=3,
                          batch_size=64, lr=0.05, align_every=5, capture_per_class=10),
-            "small": dict(dataset="fashion-mnist", n_train=2000, n_test=2000, hidden=1024,
-                          sigmas=[0.001, 0.01, 0.1, 1.0, 10.0], epochs=150, align_every=16, capture_per_class=50),
+            "small": dict(dataset="fashion-mnist", n_train=1000, n_test=1000, hidden=1024,
+                          sigmas=[0.001, 0.01, 0.1, 1.0, 10.0], epochs=200, align_every=16, capture_per_class=50),
             "paper": dict(dataset="cifar10", hidden=1024, sigmas=[0.001, 0.01, 0.1, 1.0, 10.0], epochs=2000,
                           align_every=1, capture_per_class=50),
         },
@@ -165,9 +165,9 @@ SPECS: dict[str, ExperimentSpec] = {
             "tiny": dict(dataset="spheres", n_classes=6, n_train_per_class=20, n_test_per_class=10, ambient_dim=32,
                          intrinsic_dim=4, radius=5.0, width=32, depth=3, epochs=3, batch_size=32, lr=1e-3,
                          capture_classes=6, capture_per_class=5, split_batch=64),
-            "small": dict(dataset="spheres", n_classes=20, n_train_per_class=100, n_test_per_class=50,
-                          ambient_dim=256, intrinsic_dim=30, radius=5.0, width=512, depth=5, epochs=30,
-                          batch_size=256, lr=5e-4, keep_every=3, capture_classes=20, capture_per_class=50),
+            "small": dict(dataset="spheres", n_classes=20, n_train_per_class=200, n_test_per_class=50,
+                          ambient_dim=256, intrinsic_dim=30, radius=2.5, width=512, depth=5, epochs=40,
+                          batch_size=256, lr=2e-4, keep_every=4, capture_classes=20, capture_per_class=50),
             "paper": dict(dataset="cifar100", model="vgg16", epochs=1000, keep_every=50, capture_classes=100,
                           capture_per_class=50, split_every=10),
         },
@@ -180,8 +180,8 @@ SPECS: dict[str, ExperimentSpec] = {
         {
             "tiny": dict(dataset="digits", fcn_hidden=[1, 3], fcn_widths=[128], conv_depths=[1, 3], conv_channels=8,
                          steps=30, rho=[0.0, 0.5, 1.0], n_per_rho=3, collapse_per_class=5),
-            "small": dict(dataset="fashion-mnist", fcn_hidden=[1, 3, 5, 9], fcn_widths=[784], conv_depths=[1, 3, 5, 8],
-                          conv_channels=32, steps=300, collapse_per_class=20),
+            "small": dict(dataset="fashion-mnist", fcn_hidden=[1, 3, 5, 9], fcn_widths=[784], conv_depths=[1, 3, 8, 14],
+                          conv_channels=32, steps=300, conv_steps=500, collapse_per_class=20),
             "paper": dict(dataset="mnist", fcn_hidden=[1, 3, 5, 9], fcn_widths=[784, 2048],
                           conv_depths=[1, 2, 3, 5, 8, 14, 20], conv_channels=128, steps=5000),
         },
@@ -196,7 +196,7 @@ SPECS: dict[str, ExperimentSpec] = {
                          random_label_std=0.1, epochs=3, batch_size=32, lr=0.05, lr_milestones=[],
                          capture_per_class=5),
             "small": dict(dataset="fashion-mnist", n_train=500, n_test=500, channels=64,
-                          init_stds=[0.01, 0.03, 0.05, 0.1], random_label_std=0.1, epochs=100, batch_size=32,
+                          init_stds=[0.005, 0.01, 0.03, 0.05, 0.1], random_label_std=0.1, epochs=100, batch_size=32,
                           lr=0.05, lr_milestones=[70]),
             "paper": dict(dataset="cifar10", epochs=200, lr_milestones=[100]),
         },
