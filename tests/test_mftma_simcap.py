@@ -117,3 +117,21 @@ def test_warm_started_search_matches_independent_exact_tests(case, rng):
             assert _separable_lp(np.hstack([A[:, :warm], A[:, -1:]]))
         if 2 < warm <= N + 1:
             assert not _separable_lp(np.hstack([A[:, :warm - 1], A[:, -1:]]))
+
+
+@pytest.mark.parametrize("case", ["a", "random"])
+def test_hinted_search_gives_the_same_critical_n_for_any_hint(case, rng):
+    # the hint only changes which n are tested, never the exact critical n
+    if case == "a":
+        Xs = _case(DATA / "a_gauss_P10_M20_N100.npz")
+    else:
+        Xs = [rng.standard_normal((int(rng.integers(1, 9)), 40)) + rng.standard_normal(40) for _ in range(12)]
+    X0 = np.concatenate(Xs)
+    X0 -= X0.mean(axis=0)
+    pc = np.repeat(np.arange(len(Xs)), [x.shape[0] for x in Xs])
+    N = X0.shape[1]
+    for s in range(6):
+        plain = _Trial(X0, pc, len(Xs), np.random.SeedSequence([s, 2])).critical_n()
+        for hint in (2, 4, 5, plain - 9, plain - 1, plain, plain + 1, plain + 17, N - 1, N, N + 5):
+            got = _Trial(X0, pc, len(Xs), np.random.SeedSequence([s, 2])).critical_n(hint)
+            assert got == plain, (s, hint, got, plain)

@@ -155,6 +155,13 @@ def _e2_data(o: LabelNoiseGeometryOptions) -> D.Dataset:
         return D.make_spheres(o.n_classes, o.n_train_per_class, o.n_test_per_class, radius=o.radius,
                               intrinsic_dim=o.intrinsic_dim, ambient_dim=o.ambient_dim, seed=o.seed)
     ds = _load(o.dataset, o.data_root, n_train=o.n_train, n_test=o.n_test, seed=o.seed)
+    if o.image_size and ds.x_train.ndim == 4:
+        h, w = ds.x_train.shape[2:]
+        if o.image_size < max(h, w):
+            raise InputError(f"image_size must be >= the images' size {h}x{w}, got {o.image_size}")
+        ph, pw = o.image_size - h, o.image_size - w
+        pad = ((0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+        ds = dataclasses.replace(ds, x_train=np.pad(ds.x_train, pad), x_test=np.pad(ds.x_test, pad))
     if ds.x_train.ndim == 4:
         mean = ds.x_train.mean(axis=(0, 2, 3))
         std = ds.x_train.std(axis=(0, 2, 3)) + 1e-8

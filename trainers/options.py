@@ -76,6 +76,7 @@ class LabelNoiseGeometryOptions(_Common):
     intrinsic_dim: int = 30
     ambient_dim: int = 1024
     model: str = "feedforward"  # feedforward | alexnet | vgg16 | resnet18
+    image_size: int = 0  # zero-pad images to image_size x image_size (0: as loaded; AlexNet/VGG16 need >= 32)
     width: int = 1024  # feedforward width
     depth: int = 5  # feedforward hidden layers
     width_factor: float = 1.0  # channel multiplier of alexnet / vgg16 / resnet18
