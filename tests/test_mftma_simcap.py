@@ -95,17 +95,22 @@ def test_errors(rng):
         empirical_capacity(X, y, seed="a")
 
 
-@pytest.mark.parametrize("case", ["a", "random"])
-def test_warm_started_search_matches_independent_exact_tests(case, rng):
-    # critical_n continues one NNLS across the tested n; it must give the n found by independent
-    # exact tests (fresh NNLS per n) and the LP at n - 1 and n must agree.
+def _search_inputs(case, rng):
+    """(per-class arrays, centred stacked points, point classes) of reference case a or a random case."""
     if case == "a":
         Xs = _case(DATA / "a_gauss_P10_M20_N100.npz")
     else:
         Xs = [rng.standard_normal((int(rng.integers(1, 9)), 40)) + rng.standard_normal(40) for _ in range(12)]
     X0 = np.concatenate(Xs)
     X0 -= X0.mean(axis=0)
-    pc = np.repeat(np.arange(len(Xs)), [x.shape[0] for x in Xs])
+    return Xs, X0, np.repeat(np.arange(len(Xs)), [x.shape[0] for x in Xs])
+
+
+@pytest.mark.parametrize("case", ["a", "random"])
+def test_warm_started_search_matches_independent_exact_tests(case, rng):
+    # critical_n continues one NNLS across the tested n; it must give the n found by independent
+    # exact tests (fresh NNLS per n) and the LP at n - 1 and n must agree.
+    Xs, X0, pc = _search_inputs(case, rng)
     N = X0.shape[1]
     for s in range(8):
         warm = _Trial(X0, pc, len(Xs), np.random.SeedSequence([s, 1])).critical_n()
@@ -122,13 +127,7 @@ def test_warm_started_search_matches_independent_exact_tests(case, rng):
 @pytest.mark.parametrize("case", ["a", "random"])
 def test_hinted_search_gives_the_same_critical_n_for_any_hint(case, rng):
     # the hint only changes which n are tested, never the exact critical n
-    if case == "a":
-        Xs = _case(DATA / "a_gauss_P10_M20_N100.npz")
-    else:
-        Xs = [rng.standard_normal((int(rng.integers(1, 9)), 40)) + rng.standard_normal(40) for _ in range(12)]
-    X0 = np.concatenate(Xs)
-    X0 -= X0.mean(axis=0)
-    pc = np.repeat(np.arange(len(Xs)), [x.shape[0] for x in Xs])
+    Xs, X0, pc = _search_inputs(case, rng)
     N = X0.shape[1]
     for s in range(6):
         plain = _Trial(X0, pc, len(Xs), np.random.SeedSequence([s, 2])).critical_n()

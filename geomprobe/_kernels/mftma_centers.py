@@ -155,6 +155,15 @@ def _proj(V, X):
 
 
 @njit(cache=True, nogil=True)
+def _start(Y, C, V0):
+    """Optimiser start: (V = a copy of V0, Y^T contiguous, cost at V0, Riemannian gradient at V0)."""
+    V = V0.copy()
+    YT = np.ascontiguousarray(Y.T)
+    f, eg = _cost_grad(Y, YT, C, V, True)
+    return V, YT, f, _proj(V, eg)
+
+
+@njit(cache=True, nogil=True)
 def fit_frame_cg(Y, C, V0, max_iter, gtol, min_step, exact=False):
     """Riemannian CG from V0; returns (V, cost, iterations, final gradient norm).
 
@@ -171,12 +180,9 @@ def fit_frame_cg(Y, C, V0, max_iter, gtol, min_step, exact=False):
     search ends the fit at the current point), a step shorter than min_step is taken before
     stopping, and at most max_iter - 1 iterations (pymanopt tests iter + 1 >= maxiter).
     """
-    V = V0.copy()
-    YT = np.ascontiguousarray(Y.T)
-    f, eg = _cost_grad(Y, YT, C, V, True)
+    V, YT, f, g = _start(Y, C, V0)
     if not np.isfinite(f):
         return V, f, 0, np.inf
-    g = _proj(V, eg)
     gg = np.sum(g * g)
     d = -g
     old_alpha = -1.0
@@ -275,12 +281,9 @@ def fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step):
     """
     n, K = V0.shape
     mem = LBFGS_MEMORY
-    V = V0.copy()
-    YT = np.ascontiguousarray(Y.T)
-    f, eg = _cost_grad(Y, YT, C, V, True)
+    V, YT, f, g = _start(Y, C, V0)
     if not np.isfinite(f):
         return V, f, 0, np.inf
-    g = _proj(V, eg)
     gg = _dot(g, g)
     S = np.zeros((mem, n, K))
     Yv = np.zeros((mem, n, K))
