@@ -65,7 +65,7 @@ def main(argv=None):
     C = np.stack([X[y == i].mean(0) for i in range(100)])
     tc, cm = timeit(lambda: fit_center_model(C, np.random.default_rng(0), n_threads=len(os.sched_getaffinity(0))))
     rows.append(("  stage: center model (maxK, n_reps=10 restarts)", f"{tc:.3f} s",
-                 f"{cm.n_fits} fits, {cm.cg_iterations} CG iterations"))
+                 f"{cm.n_fits} fits, {cm.cg_iterations} optimiser iterations"))
     xbar = X.mean(0)
     tp, sd = timeit(lambda: [_prepare_one(X[y == i], C[i], xbar, cm.V11) for i in range(100)], repeat=1)
     rows.append(("  stage: per-manifold preparation (1 thread)", f"{tp:.3f} s", "projection, centering, Gram + Cholesky R"))

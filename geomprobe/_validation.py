@@ -108,6 +108,14 @@ def check_finite(arr: np.ndarray, name: str, *, chunk_rows: int = 65536) -> None
     first = None
     for start in range(0, n, chunk_rows):
         block = flat[start:start + chunk_rows]
+        if block.size == 0:
+            continue
+        if arr.dtype.kind == "f":
+            # a NaN or Inf makes the sum non-finite (one pass, no boolean copy); an overflow of
+            # finite values only sends the block to the exact scan below
+            with np.errstate(over="ignore", invalid="ignore"):
+                if np.isfinite(np.add.reduce(block, axis=None)):
+                    continue
         bad = ~np.isfinite(block)
         c = int(bad.sum())
         if c:

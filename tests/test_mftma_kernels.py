@@ -288,3 +288,19 @@ def test_center_fit_lbfgs_reaches_the_cg_stationary_points(rng):
         np.testing.assert_allclose(Vl.T @ Vl, np.eye(K), atol=1e-12)
         same += abs(fl - fc) <= 1e-9 * fc
     assert same >= 7
+
+
+def test_center_basis_applies_q_lazily_like_the_explicit_householder_q(rng):
+    from geomprobe.mftma.centers import _sign_fixed_qr, center_basis
+
+    for P, N, scale in ((12, 40, 1.0), (30, 20, 1.0), (10, 50, 1e-9)):
+        C = rng.standard_normal((P, N))
+        C[1] = C[0] + scale * rng.standard_normal(N)      # scale 1e-9: ill-conditioned, explicit Q path
+        Y, Q, sv = center_basis(C)
+        Xb = C - C.mean(axis=0)
+        Qe = _sign_fixed_qr(Xb.T)[0][:, :Y.shape[1]]
+        np.testing.assert_allclose(Y @ Qe.T, Xb, atol=1e-10 * np.abs(Xb).max())
+        frame = np.linalg.qr(rng.standard_normal((Y.shape[1], 3)))[0]
+        V = Q @ frame
+        np.testing.assert_allclose(V, Qe @ frame, atol=1e-8)
+        np.testing.assert_allclose(V.T @ V, np.eye(3), atol=1e-12)

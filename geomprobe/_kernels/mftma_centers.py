@@ -242,7 +242,7 @@ def fit_frame_cg(Y, C, V0, max_iter, gtol, min_step, exact=False):
     return V, f, it, np.sqrt(gg)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _dot(A, B):
     """Frobenius inner product of two arrays of one shape (no temporary)."""
     a = A.ravel()
@@ -260,6 +260,27 @@ def _axpy(alpha, X, Y):
     y = Y.ravel()
     for i in range(x.size):
         y[i] += alpha * x[i]
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _proj_small(V, X):
+    """(I - V V^T) X by plain loops (the L-BFGS's projection: no BLAS call, whose overhead exceeds
+    the arithmetic of these n x K products; the CG keeps _proj's rounding)."""
+    n, K = V.shape
+    L = X.shape[1]
+    VtX = np.zeros((K, L))
+    for i in range(n):
+        for k in range(K):
+            v = V[i, k]
+            for l in range(L):
+                VtX[k, l] += v * X[i, l]
+    out = X.copy()
+    for i in range(n):
+        for k in range(K):
+            v = V[i, k]
+            for l in range(L):
+                out[i, l] -= v * VtX[k, l]
+    return out
 
 
 #: L-BFGS memory (pairs) and Armijo sufficient-decrease constant of fit_frame_lbfgs
@@ -305,7 +326,7 @@ def fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step):
         for j in range(cnt - 1, -1, -1):
             i = (head - 1 - j) % mem
             _axpy(a[i] - rho[i] * _dot(Yv[i], q), S[i], q)
-        d = _proj(V, q)
+        d = _proj_small(V, q)
         d *= -1.0
         df0 = _dot(g, d)
         if not df0 < 0.0:
@@ -324,10 +345,10 @@ def fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step):
         if not fn <= f + LBFGS_ARMIJO * alpha * df0:
             break
         step = alpha * np.sqrt(_dot(d, d))
-        gn = _proj(Vn, egn)
-        s_new = _proj(Vn, d)
+        gn = _proj_small(Vn, egn)
+        s_new = d.copy()
         s_new *= alpha
-        y_new = gn - _proj(Vn, g)
+        y_new = gn - g
         sy = _dot(s_new, y_new)
         yy = _dot(y_new, y_new)
         if sy > 1e-12 * np.sqrt(_dot(s_new, s_new) * yy):

@@ -144,7 +144,8 @@ def _prepare_one(Xi: np.ndarray, ci: np.ndarray, xbar: np.ndarray, V11: np.ndarr
             G0 = _within_gram(Xi, ci)
         G = G0
         if V11.shape[1]:
-            p = np.subtract(Xi, ci, dtype=np.float64) @ V11
+            # p = (Xi - ci) V11 without an m x N float64 copy of the points (float64 input)
+            p = (Xi if Xi.dtype == np.float64 else Xi.astype(np.float64)) @ V11 - ci @ V11
             G = G0 - p @ p.T
         G = G / (nrm * nrm)
         order = np.argsort(-np.diag(G), kind="stable")
@@ -303,13 +304,17 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
     ms = np.array([s.shape[1] for s in sd1s], dtype=np.int64)
     if reference:   # the reference's randn(D+1, n_t) per manifold, in class order
         Ts = [rng.randn(d1s[r], n_t) for r in range(P)]
-    else:
-        Ts = [np.random.default_rng(children[1 + r]).standard_normal((d1s[r], n_t)) for r in range(P)]
+
+    def t_vectors(r: int) -> np.ndarray:
+        """Manifold r's Gaussian samples (spawn mode: drawn from its own stream, in the worker)."""
+        if reference:
+            return Ts[r]
+        return np.random.default_rng(children[1 + r]).standard_normal((d1s[r], n_t))
     out = np.zeros((P, 5))
     if solver == "fast":
         cap = nnls_max_iter(int(ms.max()))
         with blas_threads(1), ThreadPoolExecutor(max_workers=n_workers(P)) as ex:
-            res = list(ex.map(lambda r: manifold_metrics(sd1s[r], Ts[r], kappa, cap), range(P)))
+            res = list(ex.map(lambda r: manifold_metrics(sd1s[r], t_vectors(r), kappa, cap), range(P)))
         out[:] = np.array(res, dtype=float)
         fails = int(out[:, 4].sum())
         if fails:
@@ -319,8 +324,9 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
             )
     else:
         for r in range(P):
-            anchors, is_qp = cvxpy_anchors(sd1s[r], Ts[r], kappa, manifold=int(man.classes[canon[r]]))
-            out[r, :3] = anchor_metrics(Ts[r], anchors, kappa)
+            T = t_vectors(r)
+            anchors, is_qp = cvxpy_anchors(sd1s[r], T, kappa, manifold=int(man.classes[canon[r]]))
+            out[r, :3] = anchor_metrics(T, anchors, kappa)
             out[r, 3] = is_qp.sum()
     # back to class order
     inv = np.empty(P, dtype=np.int64)

@@ -47,11 +47,41 @@ def _sign_fixed_qr(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return Q * sgn, R * sgn[:, None]
 
 
-def center_basis(centers: np.ndarray, *, reference: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+class _Basis:
+    """Maps frames in center coordinates (n x K) to feature space (N x K): Q @ frame.
+
+    Q (N x n) is the sign-fixed orthonormal basis of the mean-subtracted centers' span (economic QR of
+    Xb^T = Q R). It is never formed when R11 = R[:n, :n] is well conditioned: the first n columns
+    of Xb^T equal Q[:, :n] R11 (R is upper triangular), so Q frame = Xb[:n]^T (R11^-1 frame), and
+    one thin QR of that N x K product restores orthonormality lost to rounding (same span). With
+    cond(R11) > MAX_COND, or when given (reference mode), the explicit Q is used.
+    """
+    MAX_COND = 1e6
+
+    def __init__(self, Xb, R=None, Q=None):
+        self.Xb, self.R, self.Q = Xb, R, Q
+
+    def __matmul__(self, frame: np.ndarray) -> np.ndarray:
+        if frame.shape[1] == 0:
+            return np.zeros((self.Xb.shape[1], 0))
+        n = frame.shape[0]
+        if self.Q is None:
+            d = np.abs(np.diag(self.R[:n, :n]))
+            if d.size and d.min() > d.max() / self.MAX_COND:
+                w = scipy.linalg.solve_triangular(self.R[:n, :n], frame, check_finite=False)
+                V = self.Xb[:n].T @ w
+                Qv, Rv = _sign_fixed_qr(V)
+                if np.all(np.diag(Rv) > 0.5):      # columns of V are orthonormal up to rounding
+                    return Qv
+            self.Q = _sign_fixed_qr(self.Xb.T)[0]
+        return self.Q[:, :n] @ frame
+
+
+def center_basis(centers: np.ndarray, *, reference: bool = False) -> tuple[np.ndarray, "_Basis", np.ndarray]:
     """(Y, Q, singular values): Y (P, n) = the mean-subtracted centers in the orthonormal basis Q (N, n).
 
-    n = min(P-1, N). Spec steps 3 and 5: Y = (C - cbar)^T Q, via the economic QR of C - cbar.
+    n = min(P-1, N). Spec steps 3 and 5: Y = (C - cbar)^T Q, via the economic QR of C - cbar
+    (Householder R only; Q is applied lazily, see _Basis: ``Q @ frame``).
     reference=True: the reference's basis exactly (scipy's economic QR without sign fixing,
     Y = (C - cbar) Q), so that its random Stiefel starts mean the same frames.
     """
@@ -62,10 +92,11 @@ def center_basis(centers: np.ndarray, *, reference: bool = False
         Q, R = scipy.linalg.qr(Xb.T, mode="economic")
         sv = np.linalg.svd(R, compute_uv=False)
         Q = Q[:, :n]
-        return np.ascontiguousarray(Xb @ Q), np.ascontiguousarray(Q), sv
-    Q, R = _sign_fixed_qr(Xb.T)                      # Q (N, min(N,P)), R (min(N,P), P)
+        return np.ascontiguousarray(Xb @ Q), _Basis(Xb, Q=np.ascontiguousarray(Q)), sv
+    R = np.linalg.qr(Xb.T, mode="r")                  # (min(N,P), P)
+    R = R * np.where(np.diag(R) < 0, -1.0, 1.0)[:, None]
     sv = np.linalg.svd(R, compute_uv=False)
-    return np.ascontiguousarray(R[:n].T), np.ascontiguousarray(Q[:, :n]), sv
+    return np.ascontiguousarray(R[:n].T), _Basis(Xb, R=R), sv
 
 
 def reference_max_k(sv: np.ndarray) -> int:
