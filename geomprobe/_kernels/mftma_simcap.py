@@ -162,22 +162,14 @@ def hull_nnls(A, max_iter):
     return z, u, 1.0 - sz, status
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _dot4(a, b, n):
-    """a[:n] . b[:n] with four interleaved partial sums (fixed order: deterministic)."""
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
-    n4 = n - n % 4
-    for c in range(0, n4, 4):
-        s0 += a[c] * b[c]
-        s1 += a[c + 1] * b[c + 1]
-        s2 += a[c + 2] * b[c + 2]
-        s3 += a[c + 3] * b[c + 3]
-    for c in range(n4, n):
-        s0 += a[c] * b[c]
-    return (s0 + s1) + (s2 + s3)
+    """a[:n] . b[:n], vectorised (the compiler may reassociate the sum: the order is fixed by the
+    compiled code, so results are the same run to run on one machine)."""
+    s = 0.0
+    for c in range(n):
+        s += a[c] * b[c]
+    return s
 
 
 @njit(cache=True, nogil=True)
