@@ -16,6 +16,9 @@ import subprocess
 import sys
 
 CHILD = r"""
+import sys
+# an editable install's import hook would win over PYTHONPATH: drop it so that each checkout is imported
+sys.meta_path = [f for f in sys.meta_path if "__editable__" not in str(getattr(f, "__module__", ""))]
 import json, time, numpy as np
 from geomprobe.mftma import manifold_analysis
 rng = np.random.default_rng(0)
@@ -45,7 +48,8 @@ def main() -> None:
     for r in range(args.rounds):
         for tree in ((args.a, args.b) if r % 2 == 0 else (args.b, args.a)):
             env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
-            out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=os.path.abspath(tree), capture_output=True,
+                                 text=True, check=True)
             d = json.loads(out.stdout.strip().splitlines()[-1])
             res[tree].append(d["median"])
             info[tree] = d

@@ -286,12 +286,32 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
         cm = fit_center_model(centers[canon], cm_rng, n_reps=n_reps, K=K, n_threads=n_threads)
         notes.extend(cm.notes)
         V11 = cm.V11
-        # 3. per-manifold preparation (threads; each manifold independent)
-        if reference:
-            sd1s = list(ex.map(lambda i: _prepare_reference(man.get(i), xbar, V11), canon))
+        # 3.-4. per-manifold preparation (threads; each manifold independent), t-vectors, anchors
+        cap = nnls_max_iter(int(man.sizes.max()))
+
+        def prep(r: int) -> np.ndarray:
+            if reference:
+                return _prepare_reference(man.get(canon[r]), xbar, V11)
+            return _prepare_one(man.get(canon[r]), centers[canon[r]], xbar, V11,
+                                grams[r].result() if grams else None)
+
+        metrics = None
+        if reference or solver != "fast":
+            sd1s = list(ex.map(prep, range(P)))
         else:
-            sd1s = list(ex.map(lambda r: _prepare_one(man.get(canon[r]), centers[canon[r]], xbar, V11,
-                                                      grams[r].result() if grams else None), range(P)))
+            # spawn mode: one task prepares a manifold, draws its t-vectors from its own stream and
+            # finds its anchors, so that one worker's preparation (mostly small numpy calls holding
+            # the GIL) overlaps another's anchors (numba, GIL released)
+            def prep_and_anchor(r: int):
+                sd = prep(r)
+                if sd.size == 0:
+                    return sd, None
+                T = np.random.default_rng(children[1 + r]).standard_normal((sd.shape[0], n_t))
+                return sd, manifold_metrics(sd, T, kappa, cap)
+
+            both = list(ex.map(prep_and_anchor, range(P)))
+            sd1s = [b[0] for b in both]
+            metrics = [b[1] for b in both]
     for r, s in enumerate(sd1s):
         if s.size == 0:
             cls = man.classes[canon[r]]
@@ -299,23 +319,22 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
                 f"class {cls}'s center lies in the removed center subspace (K = {cm.K}): its "
                 "center norm is 0 after the projection, so the manifold cannot be normalised"
             )
-    # 4. t-vectors (one stream per manifold, canonical rank) and anchors
     d1s = np.array([s.shape[0] for s in sd1s], dtype=np.int64)
-    ms = np.array([s.shape[1] for s in sd1s], dtype=np.int64)
     if reference:   # the reference's randn(D+1, n_t) per manifold, in class order
         Ts = [rng.randn(d1s[r], n_t) for r in range(P)]
 
     def t_vectors(r: int) -> np.ndarray:
-        """Manifold r's Gaussian samples (spawn mode: drawn from its own stream, in the worker)."""
+        """Manifold r's Gaussian samples (spawn mode: from its own stream)."""
         if reference:
             return Ts[r]
         return np.random.default_rng(children[1 + r]).standard_normal((d1s[r], n_t))
+
     out = np.zeros((P, 5))
     if solver == "fast":
-        cap = nnls_max_iter(int(ms.max()))
-        with blas_threads(1), ThreadPoolExecutor(max_workers=n_workers(P)) as ex:
-            res = list(ex.map(lambda r: manifold_metrics(sd1s[r], t_vectors(r), kappa, cap), range(P)))
-        out[:] = np.array(res, dtype=float)
+        if metrics is None:
+            with blas_threads(1), ThreadPoolExecutor(max_workers=n_workers(P)) as ex:
+                metrics = list(ex.map(lambda r: manifold_metrics(sd1s[r], t_vectors(r), kappa, cap), range(P)))
+        out[:] = np.array(metrics, dtype=float)
         fails = int(out[:, 4].sum())
         if fails:
             raise AnalysisError(
