@@ -292,13 +292,13 @@ LBFGS_ARMIJO = 1e-4
 def fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step):
     """Riemannian L-BFGS from V0 on the Grassmann manifold; returns (V, cost, iterations, gradient norm).
 
-    Two-loop recursion over the last LBFGS_MEMORY pairs (s, y) (s = the step projected onto the new
-    tangent space, y = new gradient - old gradient projected there; a pair is kept only when
+    Two-loop recursion over the last LBFGS_MEMORY pairs (s, y) taken in the embedding space (s = the
+    step, y = new Riemannian gradient - old one, no vector transport; a pair is kept only when
     <s, y> > 0), initial scaling <s, y> / <y, y>, direction projected onto the tangent space (steepest
     descent when it is not a descent direction, memory cleared); unit first trial step, halved until
     the Armijo condition holds (at most 40 halvings); QR retraction. Stops when the Riemannian
     gradient norm is <= gtol, the step is shorter than min_step, the line search fails, or after
-    max_iter iterations. Same stopping tolerance as the CG, about half its cost evaluations.
+    max_iter iterations. Same stopping tolerance as the CG, about 0.5x its cost evaluations.
     """
     n, K = V0.shape
     mem = LBFGS_MEMORY
