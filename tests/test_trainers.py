@@ -336,3 +336,20 @@ def test_cuda_training_path(tmp_path):
     xi = np.random.default_rng(0).random((32, 1, 8, 8)).astype(np.float32)
     r = train(conv, xi, np.arange(32) % 3, cfg=_cfg(device="cuda", channels_last=True, epochs=1))
     assert np.isfinite(r.final["train_loss"])
+
+
+def test_e2_image_size_zero_pads_and_rejects_a_smaller_size():
+    from geomprobe.trainers.experiments import _e2_data
+    from geomprobe.trainers.options import options_for
+
+    o = options_for("label-noise-geometry", "tiny", sets=["dataset=digits", "image_size=12", "n_train=50",
+                                                          "n_test=20"])
+    ds = _e2_data(o)
+    assert ds.x_train.shape[1:] == (1, 12, 12) and ds.x_test.shape[1:] == (1, 12, 12)
+    assert ds.input_shape == (1, 12, 12)
+    # the 2-pixel border is the padding: after the per-channel normalisation it holds one value
+    border = np.concatenate([ds.x_train[:, :, :2].ravel(), ds.x_train[:, :, -2:].ravel()])
+    assert np.ptp(border) == 0
+    o2 = options_for("label-noise-geometry", "tiny", sets=["dataset=digits", "image_size=6"])
+    with pytest.raises(InputError, match="image_size must be >= the images' size 8x8, got 6"):
+        _e2_data(o2)
