@@ -165,6 +165,16 @@ def _run(tmp_path, name, preset, sets):
     return effects.summarize(tmp_path / name, n_reps=2, n_t=50)
 
 
+def _needs_fashion_mnist():
+    """Skip unless Fashion-MNIST is installed (Debian package dataset-fashion-mnist or GEOMPROBE_DATA)."""
+    from geomprobe.trainers import data as D
+
+    try:
+        D.load_fashion_mnist()
+    except InputError as exc:
+        pytest.skip(f"Fashion-MNIST not available: {exc}")
+
+
 def _eff(s, name):
     return next(e for e in s["effects"] if e["name"] == name)["measured"]
 
@@ -203,6 +213,7 @@ def test_e3_deeper_fcn_is_more_constant(tmp_path):
 
 @pytest.mark.slow
 def test_e3_shallow_convnet_identity_deep_convnet_constant(tmp_path):
+    _needs_fashion_mnist()
     s = _run(tmp_path, "identity-crisis", "small", ["fcn_hidden=[]", "one_layer=false", "conv_depths=1,14",
                                                      "conv_channels=16", "conv_steps=300"])
     sh = _eff(s, "shallow_convnet_learns_identity")
@@ -213,10 +224,13 @@ def test_e3_shallow_convnet_identity_deep_convnet_constant(tmp_path):
 
 @pytest.mark.slow
 def test_e4_normalized_losses_fit_a_line_better_than_unnormalized(tmp_path):
-    s = _run(tmp_path, "normalized-loss", "tiny", ["epochs=40", "n_train=200", "n_test=200", "channels=16",
-                                                    "init_stds=0.01,0.03,0.05,0.1"])
+    _needs_fashion_mnist()
+    s = _run(tmp_path, "normalized-loss", "small", ["n_train=200", "n_test=200", "init_stds=0.03,0.07,0.13"])
+    assert not s["data"]["excluded_nets"]          # every net reached zero training error
     fn, fu = s["data"]["fit_normalized"], s["data"]["fit_unnormalized"]
-    assert math.isfinite(fn["r2"]) and fn["r2"] > fu["r2"]
+    assert fn["r2"] >= 0.9
+    # the true-label line predicts the random-label net's test loss after normalisation only
+    assert fn["random_label_relative_residual"] < fu["random_label_relative_residual"]
 
 
 def test_train_command_writes_summary_and_report(tmp_path, capsys):
