@@ -342,11 +342,15 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
                 f"(iteration cap {cap})"
             )
     else:
+        stats: dict = {}
         for r in range(P):
             T = t_vectors(r)
-            anchors, is_qp = cvxpy_anchors(sd1s[r], T, kappa, manifold=int(man.classes[canon[r]]))
+            anchors, is_qp = cvxpy_anchors(sd1s[r], T, kappa, manifold=int(man.classes[canon[r]]), stats=stats)
             out[r, :3] = anchor_metrics(T, anchors, kappa)
             out[r, 3] = is_qp.sum()
+        if stats.get("relaxed"):
+            notes.append(f"{stats['relaxed']} of {int(out[:, 3].sum())} cvxpy QPs failed at tolerances 1e-12 and "
+                         "were solved at the solver's default tolerances")
     # back to class order
     inv = np.empty(P, dtype=np.int64)
     inv[canon] = np.arange(P)
