@@ -95,6 +95,25 @@ def check_matrix(
     return arr
 
 
+def nonfinite_in_block(block: np.ndarray) -> tuple[int, tuple[int, int] | None]:
+    """(count of NaN/Inf in a 2-D block, (row, column) of the first one or None).
+
+    A float block is first decided by one sum (a NaN or Inf makes it non-finite: one pass, no boolean
+    copy); an overflow of finite values only sends the block to the exact element-wise scan."""
+    if block.size == 0:
+        return 0, None
+    if block.dtype.kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(np.add.reduce(block, axis=None)):
+                return 0, None
+    bad = ~np.isfinite(block)
+    c = int(bad.sum())
+    if not c:
+        return 0, None
+    r, col = np.argwhere(bad)[0]
+    return c, (int(r), int(col))
+
+
 def check_finite(arr: np.ndarray, name: str, *, chunk_rows: int = 65536) -> None:
     """Raise if arr holds NaN or Inf: the message gives the count and the first position.
 
@@ -108,21 +127,11 @@ def check_finite(arr: np.ndarray, name: str, *, chunk_rows: int = 65536) -> None
     first = None
     for start in range(0, n, chunk_rows):
         block = flat[start:start + chunk_rows]
-        if block.size == 0:
-            continue
-        if arr.dtype.kind == "f":
-            # a NaN or Inf makes the sum non-finite (one pass, no boolean copy); an overflow of
-            # finite values only sends the block to the exact scan below
-            with np.errstate(over="ignore", invalid="ignore"):
-                if np.isfinite(np.add.reduce(block, axis=None)):
-                    continue
-        bad = ~np.isfinite(block)
-        c = int(bad.sum())
+        c, at = nonfinite_in_block(block)
         if c:
             count += c
             if first is None:
-                r, col = np.argwhere(bad)[0]
-                first = (start + int(r), int(col))
+                first = (start + at[0], at[1])
     if count:
         kinds = "NaN or Inf"
         raise InputError(

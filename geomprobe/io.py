@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._validation import InputError, describe_shape
-from ._validation import check_positive_int
+from ._validation import check_positive_int, nonfinite_in_block
 
 __all__ = [
     "FORMAT_NAME",
@@ -262,13 +262,11 @@ class ActivationFile:
                 continue
             count, first = 0, None
             for pos, block in self.iter_rows(key, batch_rows=batch_rows):
-                bad_mask = ~np.isfinite(block)
-                c = int(bad_mask.sum())
+                c, at = nonfinite_in_block(block)
                 if c:
                     count += c
                     if first is None:
-                        r, col = np.argwhere(bad_mask)[0]
-                        first = (int(pos[r]), int(col))
+                        first = (int(pos[at[0]]), at[1])
             if count:
                 raise InputError(
                     f"{self.path}: '{key}' contains {count} non-finite value(s) (NaN or Inf); first at row "

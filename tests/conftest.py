@@ -1,5 +1,37 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+MFTMA_DATA = Path(__file__).parent / "data" / "mftma"
+MFTMA_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "mftma"
+
+
+def load_mftma_case(case: str) -> list[np.ndarray]:
+    """Per-class (points, features) float64 arrays of a reference MFTMA input: tests/data/mftma, else
+    ../shared/reference/mftma/inputs; the test is skipped when neither holds it."""
+    path = MFTMA_DATA / f"{case}.npz"
+    if not path.exists():
+        path = MFTMA_SHARED / "inputs" / f"{case}.npz"
+        if not path.exists():
+            pytest.skip(f"{case} input not stored and ../shared/reference/mftma not present")
+    d = np.load(path, allow_pickle=False)
+    P = json.loads(str(d["meta"]))["P"]
+    return [d[f"X_{i:03d}"].astype(np.float64).T for i in range(P)]
+
+
+@pytest.fixture
+def blas_one_thread():
+    """In-process analyses at 1 BLAS thread, as on Dask workers: MFTMA's thread pool over multi-threaded
+    BLAS thrashes on 2 busy cores (docs/performance.md). Restored after the test."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 @pytest.fixture

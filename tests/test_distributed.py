@@ -48,17 +48,10 @@ def _write(path, seed, *, grads=True, compress=False):
 
 
 @pytest.fixture(autouse=True)
-def _blas_one_thread():
-    """In-process analyses at 1 BLAS thread, as on the workers: MFTMA's thread pool over multi-threaded
-    BLAS thrashes on 2 busy cores (docs/performance.md). Restored after each test. (The module's
-    ``local_report`` is computed before this applies: it is the plain local run, default threads.)"""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+def _blas_one_thread(blas_one_thread):
+    """Every test here at 1 BLAS thread (conftest's blas_one_thread). (The module's ``local_report``
+    is computed before this applies: it is the plain local run, default threads.)"""
+    yield
 
 
 @pytest.fixture(scope="module")

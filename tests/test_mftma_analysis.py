@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from geomprobe import AnalysisError, InputError
 from geomprobe.mftma import ball_capacity, manifold_analysis, mftma_rows
+from conftest import load_mftma_case
 
 DATA = Path(__file__).parent / "data" / "mftma"
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "mftma"
 N_SEEDS = 5
 
 
@@ -27,18 +27,8 @@ def rng():
 
 
 def _load_case(case: str):
-    path = DATA / f"{case}.npz"
-    if not path.exists():
-        path = SHARED / "inputs" / f"{case}.npz"
-        if not path.exists():
-            pytest.skip(f"{case} input not stored and ../shared/reference/mftma not present")
-    d = np.load(path)
-    P = json.loads(str(d["meta"]))["P"]
-    Xs = [d[f"X_{i:03d}"].astype(np.float64).T for i in range(P)]  # (points, features)
-    refs = []
-    for s in range(3):
-        p = DATA / f"{case}__seed{s}.json"
-        refs.append(json.loads(p.read_text()))
+    Xs = load_mftma_case(case)
+    refs = [json.loads((DATA / f"{case}__seed{s}.json").read_text()) for s in range(3)]
     return Xs, refs
 
 

@@ -17,9 +17,9 @@ import pytest
 import geomprobe.mftma.capacity as capacity
 from geomprobe import InputError
 from geomprobe.mftma import manifold_analysis, mftma_rows
+from conftest import load_mftma_case
 
 DATA = Path(__file__).parent / "data" / "mftma"
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "mftma"
 FAST_CASES = ["a_gauss_P10_M20_N100", "e1_M1_P20_N50", "e2_dup_P20_M20_N100", "e3_NltM_P20_M50_N30"]
 KERNEL_FILES = {
     "a_gauss_P10_M20_N100": "a_gauss_P10_M20_N100__seed0__kernel.npz",
@@ -35,14 +35,7 @@ PER_RTOL = 1e-5
 
 
 def _load(case: str):
-    path = DATA / f"{case}.npz"
-    if not path.exists():
-        path = SHARED / "inputs" / f"{case}.npz"
-        if not path.exists():
-            pytest.skip(f"{case} input not stored and ../shared/reference/mftma not present")
-    d = np.load(path)
-    P = json.loads(str(d["meta"]))["P"]
-    return [d[f"X_{i:03d}"].astype(np.float64).T for i in range(P)]
+    return load_mftma_case(case)
 
 
 def _ref(case: str, seed: int) -> dict:

@@ -19,17 +19,10 @@ DEADLINE_S = 120
 
 
 @pytest.fixture(autouse=True)
-def _blas_one_thread():
-    """In-process analyses at 1 BLAS thread, as on the workers: MFTMA's thread pool over multi-threaded
-    BLAS thrashes on 2 busy cores (docs/performance.md). Restored after each test. (The module's
-    ``local_report`` is computed before this applies: it is the plain local run, default threads.)"""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+def _blas_one_thread(blas_one_thread):
+    """Every test here at 1 BLAS thread (conftest's blas_one_thread). (The module's ``local_report``
+    is computed before this applies: it is the plain local run, default threads.)"""
+    yield
 
 
 def _fake_train(calls_dir=None, fail=None, kill_once=None):

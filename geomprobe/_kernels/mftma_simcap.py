@@ -44,6 +44,23 @@ def _chol_delete(L, k, q):
 
 
 @njit(cache=True, nogil=True)
+def _drop_zeros(L, k, idx, z, passive, excluded):
+    """Drop the passive columns whose coefficient reached zero (Givens downdates of the Cholesky
+    factor L[:k, :k], idx kept in Cholesky order) and re-admit every excluded column. Returns the new k."""
+    for q in range(k - 1, -1, -1):
+        i = idx[q]
+        if not z[i] > 0.0:
+            z[i] = 0.0
+            passive[i] = False
+            _chol_delete(L, k, q)
+            for t in range(q, k - 1):
+                idx[t] = idx[t + 1]
+            k -= 1
+    excluded[:] = False
+    return k
+
+
+@njit(cache=True, nogil=True)
 def hull_nnls(A, max_iter):
     """Lawson-Hanson NNLS on columns [a_i; 1] (a_i = rows of A, (m, d)) with target [0; 1].
 
@@ -123,18 +140,7 @@ def hull_nnls(A, max_iter):
             first = False
             if _accept_or_step(y, z, idx, k):
                 break
-            # drop the passive columns that reached zero: Givens downdates of the Cholesky factor
-            for q in range(k - 1, -1, -1):
-                i = idx[q]
-                if not z[i] > 0.0:
-                    z[i] = 0.0
-                    passive[i] = False
-                    _chol_delete(L, k, q)
-                    for t in range(q, k - 1):
-                        idx[t] = idx[t + 1]
-                    k -= 1
-            for i in range(m):
-                excluded[i] = False
+            k = _drop_zeros(L, k, idx, z, passive, excluded)
             if k == 0:
                 break
         if status:
@@ -199,17 +205,7 @@ def _to_ls_solution(L, k, idx, z, passive, excluded, y, rhs, it, max_iter):
         _solve_ones(L, k, rhs, y)
         if _accept_or_step(y, z, idx, k):
             return k, it, 0
-        for q in range(k - 1, -1, -1):
-            i = idx[q]
-            if not z[i] > 0.0:
-                z[i] = 0.0
-                passive[i] = False
-                _chol_delete(L, k, q)
-                for t in range(q, k - 1):
-                    idx[t] = idx[t + 1]
-                k -= 1
-        for i in range(m):
-            excluded[i] = False
+        k = _drop_zeros(L, k, idx, z, passive, excluded)
     return k, it, 0
 
 
