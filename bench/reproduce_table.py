@@ -16,7 +16,7 @@ HEADLINE = {
     "gradient_alignment_decreases_with_sigma": ("grad_alignment", "spearman_sigma"),
     "representation_alignment_decreases_with_sigma": ("rep_alignment", "spearman_sigma"),
     "best_test_accuracy_correlates_with_alignment": ("pearson_best_test_vs_grad_alignment", "best_test_acc"),
-    "best_epoch_permuted_capacity_at_lower_bound": ("max_ratio_to_bound", "agree_rel_spread"),
+    "best_epoch_permuted_capacity_at_lower_bound": ("max_ratio_to_bound", "restored_test_rel_spread", "agree_rel_spread"),
     "final_epoch_permuted_rises_restored_falls_in_last_layers": ("permuted_rise_last_layer", "restored_best",
                                                                  "restored_final"),
     "rewinding_last_layers_recovers_test_accuracy": ("best_test_acc", "final_test_acc", "rewound_test_acc",

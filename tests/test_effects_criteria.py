@@ -1,4 +1,4 @@
-"""E4 criteria of trainers/effects.py on hand-made results (no training, no torch)."""
+"""E2 and E4 criteria of trainers/effects.py on hand-made results (no training, no torch)."""
 from __future__ import annotations
 
 import json
@@ -64,3 +64,38 @@ def test_e4_too_few_trained_nets_are_reported_missing(tmp_path):
     assert not any(e["passed"] for e in s["effects"])
     assert all("missing" in e["measured"] for e in s["effects"])
     assert any("zero training error" in m for m in s["missing"])
+
+
+# -- E2 best epoch: permuted at 2/M; restored ~ test everywhere; all three agree in the early layers --------
+_E2_LAYERS = ["input", "relu1", "relu2", "relu3", "relu4", "relu5", "out"]
+
+
+def _e2_caps(**over):
+    caps = {"unpermuted": [0.17, 0.16, 0.18, 0.19, 0.24, 0.28, 0.33],  # paper A.8: higher in the last layers
+            "restored": [0.17, 0.15, 0.16, 0.17, 0.19, 0.19, 0.22],
+            "test": [0.18, 0.15, 0.17, 0.17, 0.21, 0.20, 0.27],
+            "permuted": [0.10, 0.10, 0.10, 0.09, 0.10, 0.10, 0.12]}
+    caps.update(over)
+    return caps
+
+
+def _e2_best(caps):
+    return effects._e2_best_epoch_effect(caps, _E2_LAYERS, 0.1, "criterion")
+
+
+def test_e2_best_epoch_passes_when_unpermuted_separates_only_in_the_last_layers():
+    e = _e2_best(_e2_caps())
+    assert e["passed"] and e["name"] == "best_epoch_permuted_capacity_at_lower_bound"
+    m = e["measured"]
+    assert m["first_half_layers"] == _E2_LAYERS[:4]
+    assert max(m["agree_rel_spread"]) > effects.CRITERIA["e2_agree_rel_spread"]  # last layers: unpermuted apart
+    assert m["restored_test_rel_spread"][-1] == pytest.approx((0.27 - 0.22) / 0.245, rel=1e-5)
+
+
+@pytest.mark.parametrize("over, why", [
+    ({"permuted": [0.10, 0.10, 0.10, 0.09, 0.10, 0.10, 0.21]}, "permuted above 2 x 2/M in the last layer"),
+    ({"restored": [0.17, 0.15, 0.16, 0.17, 0.19, 0.19, 0.12]}, "restored and test apart in the last layer"),
+    ({"unpermuted": [0.17, 0.16, 0.30, 0.19, 0.24, 0.28, 0.33]}, "unpermuted apart in an early layer"),
+])
+def test_e2_best_epoch_fails(over, why):
+    assert not _e2_best(_e2_caps(**over))["passed"], why

@@ -86,6 +86,8 @@ def test_vgg16_table3():
     assert len(m.capture_layers) == 16
     full = M.build_model("vgg16", (3, 32, 32), 100, seed=0)
     assert full.fc1.in_features == 512 and full.fc1.out_features == 4096
+    narrow = M.build_model("vgg16", (1, 32, 32), 10, width=0.125, seed=0)  # the hidden linear layers scale too
+    assert narrow.fc1.in_features == 64 and narrow.fc1.out_features == 512 and narrow.fc2.out_features == 512
 
 
 def test_resnet18_table4():

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from geomprobe.io import open_activations  # noqa: E402
 from geomprobe.trainers import models as M  # noqa: E402
 from geomprobe.trainers.capture import capture, default_layers, record_activations, sample_subsets, write_activations  # noqa: E402,E501
 from geomprobe.trainers.checkpoint import (checkpoint_path, epoch_checkpoints, load_checkpoint,  # noqa: E402
-                                           relative_weight_distance, rewind_layer, rewind_table, save_checkpoint)
+                                           layer_param_names, relative_weight_distance, rewind_layer,
+                                           rewind_table, save_checkpoint)
 from geomprobe.trainers.train import TrainConfig, evaluate, make_loss, train  # noqa: E402
 
 
@@ -324,6 +326,31 @@ def test_rewind_table(tmp_path):
     assert torch.equal(m.fc1.weight, final["fc1.weight"])  # the model ends with the final weights
     with pytest.raises(InputError, match="layer 'act1' has no parameters"):
         rewind_layer(m, "act1", ck0)
+
+
+def test_layer_param_names_groups_batchnorm_with_its_conv():
+    """Paper 003 table 3: one layer is Conv + BatchNorm + ReLU; rewinding moves the BN statistics too."""
+    vgg = M.build_model("vgg16", (1, 32, 32), 10, width=0.0625, seed=0)
+    names = layer_param_names(vgg)
+    assert list(names) == [f"conv{i}" for i in range(1, 14)] + ["fc1", "fc2", "out"]
+    assert set(names["conv3"]) == {"conv3.weight", "conv3.bias", "bn3.weight", "bn3.bias", "bn3.running_mean",
+                                   "bn3.running_var", "bn3.num_batches_tracked"}
+    assert set(names["out"]) == {"out.weight", "out.bias"}
+    # nested blocks keep depth-first order, and the shortcut's BN stays with the shortcut's conv
+    res = M.build_model("resnet18", (1, 32, 32), 10, width=0.0625, seed=0)
+    rn = layer_param_names(res)
+    assert list(rn)[0] == "conv1" and list(rn)[-1] == "out"
+    assert any(k.endswith("shortcut.0") and any(".shortcut.1." in n for n in v) for k, v in rn.items())
+    keys = [k for v in rn.values() for k in v]
+    assert sorted(keys) == sorted(res.state_dict())  # every tensor belongs to exactly one layer
+    # a BatchNorm with no conv / linear before it (here after a pool) is a layer of its own
+    odd = nn.Sequential(OrderedDict([("c", nn.Conv2d(1, 2, 3)), ("p", nn.MaxPool2d(2)), ("bn", nn.BatchNorm2d(2))]))
+    assert list(layer_param_names(odd)) == ["c", "bn"]
+    state = {k: v + 1 if v.is_floating_point() else v + 1 for k, v in vgg.state_dict().items()}
+    before = vgg.bn4.running_var.clone()
+    rewind_layer(vgg, "conv4", state)
+    assert torch.equal(vgg.bn4.running_var, before + 1) and torch.equal(vgg.conv4.weight, state["conv4.weight"])
+    assert not torch.equal(vgg.conv5.weight, state["conv5.weight"])
 
 
 @pytest.mark.gpu

@@ -89,13 +89,30 @@ def relative_weight_distance(initial: dict[str, torch.Tensor], current: dict[str
 def layer_param_names(model: nn.Module) -> dict[str, list[str]]:
     """Weight layer name -> its state-dict keys (parameters and buffers such as BatchNorm statistics).
 
-    A layer is every module with parameters of its own; BatchNorm following a conv belongs to itself.
+    A layer is every module with parameters of its own, except that a BatchNorm module which directly
+    follows a conv / linear module in the same container belongs to that layer: paper 003's tables count
+    "Conv + BatchNorm + ReLU" as one layer, and rewinding a conv without its BatchNorm would normalise
+    the old weights' outputs with the final running statistics.
     """
+    owner: dict[str, str] = {}  # BatchNorm module name -> the conv / linear it follows
+    for mname, mod in model.named_modules():
+        prev: str | None = None
+        for cname, child in mod.named_children():
+            full = f"{mname}.{cname}" if mname else cname
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and prev is not None:
+                owner[full] = prev
+                prev = None
+            elif isinstance(child, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                prev = full
+            elif not isinstance(child, (nn.Identity, nn.ReLU)):  # pooling, dropout, containers end the pairing
+                prev = None
     out: dict[str, list[str]] = {}
     for mname, mod in model.named_modules():
+        if not any(True for _ in mod.parameters(recurse=False)):
+            continue
         own = [n for n, _ in mod.named_parameters(recurse=False)] + [n for n, _ in mod.named_buffers(recurse=False)]
-        if any(True for _ in mod.parameters(recurse=False)):
-            out[mname] = [f"{mname}.{n}" if mname else n for n in own]
+        keys = [f"{mname}.{n}" if mname else n for n in own]
+        out.setdefault(owner.get(mname, mname), []).extend(keys)
     return out
 
 

@@ -187,9 +187,14 @@ _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 51
 
 
 def vgg16(input_shape: Sequence[int] = (3, 32, 32), n_classes: int = 100, *, width: float = 1.0,
-          fc_width: int = 4096, dropout: float = 0.5) -> nn.Sequential:
-    """VGG16 with BatchNorm for CIFAR of paper 003 table 3 (13 conv, 3 linear with dropout)."""
+          fc_width: int | None = None, dropout: float = 0.5) -> nn.Sequential:
+    """VGG16 with BatchNorm for CIFAR of paper 003 table 3 (13 conv, 3 linear with dropout).
+
+    ``width`` scales every conv's channels and, unless ``fc_width`` is given, the two hidden linear
+    layers (4096 x width), so that a narrow VGG16 is narrow throughout.
+    """
     c, _, _ = _image_shape(input_shape, "vgg16")
+    fc_width = max(1, int(round(4096 * width))) if fc_width is None else check_positive_int(fc_width, "fc_width")
     layers: list[tuple[str, nn.Module]] = []
     capture = []
     i = p = 0
