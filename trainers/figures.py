@@ -17,7 +17,7 @@ __all__ = ["FIGURES", "save", "e1_vs_sigma", "e1_training", "e2_mftma", "e2_rewi
 
 SUBSET_STYLE = {"unpermuted": ("tab:blue", "o"), "permuted": ("tab:red", "s"), "restored": ("tab:green", "^"),
                 "test": ("tab:purple", "D"), "train": ("tab:gray", "v")}
-MFTMA_PANELS = [("capacity", "capacity α (dimensionless)"), ("radius", "radius R (relative to center norm)"),
+MFTMA_PANELS = [("capacity", "capacity α (dimensionless)"), ("radius", "radius R (÷ center norm; log scale)"),
                 ("dimension", "dimension D (directions)"), ("center_correlation", "center correlation ρ_c (cosine)")]
 
 
@@ -119,9 +119,12 @@ def e2_mftma(summary: dict):
             if metric == "capacity":
                 ax.axhline(d["capacity_lower_bound"], color="k", ls="--", label=f"2/M = {d['capacity_lower_bound']:.3g}")
             ax.set_xticks(x, layers, rotation=45, fontsize=8)
+            if metric == "radius":  # a mean over classes: one class whose center is nearly projected out by the
+                ax.set_yscale("log")  # center-correlation step has R >> 1 and would flatten a linear axis
             ax.set(xlabel="layer", ylabel=ylab, title=f"{metric} at {tag} (epoch {d['files'][tag]['epoch']})")
             ax.legend(fontsize=7)
-    fig.suptitle(f"E2 MFTMA geometry per subset (M = {d['M']} examples per class)")
+    fig.suptitle(f"E2 MFTMA geometry per subset (mean over the classes, as the reference; M = {d['M']} examples "
+                 "per class)")
     return fig
 
 
