@@ -19,9 +19,11 @@ from geomprobe._validation import InputError
 from ._common import summary_table
 
 # The demo's network and data: a scaled-down small preset of label-noise-geometry (spec E2).
-DEMO_OPTIONS = dict(dataset="spheres", n_classes=10, n_train_per_class=100, n_test_per_class=50, ambient_dim=128,
-                    intrinsic_dim=20, radius=5.0, width=256, depth=4, eps=0.5, epochs=25, batch_size=128, lr=1e-3,
-                    keep_every=5, capture_classes=10, capture_per_class=20, split_batch=256, device="cpu",
+# More classes (30) than captured points per class (M = 20): with fewer classes the collapsed last layers
+# hold only ~P distinct clusters per permuted manifold and its capacity sits near 2/P, not the bound 2/M.
+DEMO_OPTIONS = dict(dataset="spheres", n_classes=30, n_train_per_class=100, n_test_per_class=50, ambient_dim=128,
+                    intrinsic_dim=20, radius=3.0, width=256, depth=4, eps=0.5, epochs=25, batch_size=128, lr=1e-3,
+                    keep_every=5, capture_classes=30, capture_per_class=20, split_batch=256, device="cpu",
                     progress="off")
 
 
