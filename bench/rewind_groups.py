@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from geomprobe.trainers import experiments as X
-from geomprobe.trainers import models as Mo
 from geomprobe.trainers.checkpoint import checkpoint_path, epoch_checkpoints, layer_param_names, load_checkpoint
 from geomprobe.trainers.options import SPECS
 from geomprobe.trainers.train import evaluate
@@ -27,10 +26,7 @@ def main(run: str) -> None:
     exp = json.loads((d / "experiment.json").read_text())
     o = SPECS["label-noise-geometry"].options(**exp["options"])
     ds = X._e2_data(o)
-    if o.model == "feedforward":
-        model = Mo.build_model("feedforward", ds.input_shape, ds.n_classes, width=o.width, depth=o.depth, seed=o.seed)
-    else:
-        model = Mo.build_model(o.model, ds.input_shape, ds.n_classes, width=o.width_factor, seed=o.seed)
+    model = X._e2_model(o, ds)
     final = load_checkpoint(checkpoint_path(d / "train", "last"))["model"]
     names = layer_param_names(model)
     layers = list(names)

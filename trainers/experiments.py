@@ -170,6 +170,13 @@ def _e2_data(o: LabelNoiseGeometryOptions) -> D.Dataset:
     return ds
 
 
+def _e2_model(o: LabelNoiseGeometryOptions, ds: D.Dataset):
+    """The E2 network of ``o`` for dataset ``ds`` (initialised from ``o.seed``)."""
+    if o.model == "feedforward":
+        return Mo.build_model("feedforward", ds.input_shape, ds.n_classes, width=o.width, depth=o.depth, seed=o.seed)
+    return Mo.build_model(o.model, ds.input_shape, ds.n_classes, width=o.width_factor, seed=o.seed)
+
+
 def run_label_noise_geometry(o: LabelNoiseGeometryOptions, out: Path, force: bool) -> dict:
     ds = _e2_data(o)
     noise_path = out / "label_noise.npz"
@@ -180,10 +187,7 @@ def run_label_noise_geometry(o: LabelNoiseGeometryOptions, out: Path, force: boo
             raise InputError(f"{noise_path}: stored label noise differs from this run's; pass --force")
     noise.save(noise_path)
     perm = noise.permuted
-    if o.model == "feedforward":
-        model = Mo.build_model("feedforward", ds.input_shape, ds.n_classes, width=o.width, depth=o.depth, seed=o.seed)
-    else:
-        model = Mo.build_model(o.model, ds.input_shape, ds.n_classes, width=o.width_factor, seed=o.seed)
+    model = _e2_model(o, ds)
     sample = sample_subsets(noise.true_labels, noise.train_labels, perm, ds.y_test, n_classes=o.capture_classes,
                             n_per_class=o.capture_per_class, seed=o.seed)
     xs = sample.gather(ds.x_train, ds.x_test)
