@@ -96,6 +96,11 @@ def test_e2_best_epoch_passes_when_unpermuted_separates_only_in_the_last_layers(
     ({"permuted": [0.10, 0.10, 0.10, 0.09, 0.10, 0.10, 0.21]}, "permuted above 2 x 2/M in the last layer"),
     ({"restored": [0.17, 0.15, 0.16, 0.17, 0.19, 0.19, 0.12]}, "restored and test apart in the last layer"),
     ({"unpermuted": [0.17, 0.16, 0.30, 0.19, 0.24, 0.28, 0.33]}, "unpermuted apart in an early layer"),
+    ({"test": [0.18, 0.15, 0.17, 0.17, 0.21, 0.20, float("nan")]}, "a missing value is no agreement"),
+    ({"permuted": [0.10, 0.10, float("nan"), 0.09, 0.10, 0.10, 0.12]}, "a missing value is no lower bound"),
 ])
 def test_e2_best_epoch_fails(over, why):
-    assert not _e2_best(_e2_caps(**over))["passed"], why
+    e = _e2_best(_e2_caps(**over))
+    assert not e["passed"], why
+    if "missing" in why:
+        assert e["measured"]["nonfinite_capacity"] in (["test/out"], ["permuted/relu2"])

@@ -345,12 +345,17 @@ def _e2_best_epoch_effect(capacity: dict[str, list[float]], layers: list[str], b
     n_early = (len(layers) + 1) // 2
     rt = [spread(("restored", "test"), i) for i in range(len(layers))]
     urt = [spread(("unpermuted", "restored", "test"), i) for i in range(len(layers))]
-    ok = (max(perm) <= c["e2_perm_capacity_factor"] * bound and max(rt) <= c["e2_agree_rel_spread"]
-          and max(urt[:n_early]) <= c["e2_agree_rel_spread"])
-    return _effect(EFFECT_NAMES["label-noise-geometry"][0], ok,
-                   {"lower_bound_2_over_M": bound, "layers": layers, "permuted_capacity": perm,
-                    "max_ratio_to_bound": max(perm) / bound, "restored_test_rel_spread": rt,
-                    "agree_rel_spread": urt, "first_half_layers": layers[:n_early]}, criterion)
+    # a NaN (a subset or layer without a value) must fail the effect, not vanish inside max()
+    nonfinite = [f"{s}/{layer}" for s in ("unpermuted", "permuted", "restored", "test")
+                 for layer, v in zip(layers, capacity[s]) if not np.isfinite(v)]
+    ok = (not nonfinite and max(perm) <= c["e2_perm_capacity_factor"] * bound
+          and max(rt) <= c["e2_agree_rel_spread"] and max(urt[:n_early]) <= c["e2_agree_rel_spread"])
+    measured = {"lower_bound_2_over_M": bound, "layers": layers, "permuted_capacity": perm,
+                "max_ratio_to_bound": max(perm) / bound, "restored_test_rel_spread": rt,
+                "agree_rel_spread": urt, "first_half_layers": layers[:n_early]}
+    if nonfinite:
+        measured["nonfinite_capacity"] = nonfinite
+    return _effect(EFFECT_NAMES["label-noise-geometry"][0], ok, measured, criterion)
 
 
 def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: bool, n_reps: int, n_t: int,
