@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from geomprobe.trainers import experiments as X
-from geomprobe.trainers.checkpoint import checkpoint_path, epoch_checkpoints, layer_param_names, load_checkpoint
+from geomprobe.trainers.checkpoint import (checkpoint_path, epoch_checkpoints, layer_param_names, load_checkpoint,
+                                           rewind_layer)
 from geomprobe.trainers.options import SPECS
 from geomprobe.trainers.train import evaluate
 
@@ -42,10 +43,9 @@ def main(run: str) -> None:
             group = layers[i:] if mode == "suffix" else layers[:i]
             accs = []
             for st in states.values():
-                s = dict(final)
+                model.load_state_dict(final)
                 for layer in group:
-                    s.update({k: st[k] for k in names[layer]})
-                model.load_state_dict(s)
+                    rewind_layer(model, layer, st, names)
                 accs.append(evaluate(model, ex, ey, "ce")["acc"])
             label = f"{mode} {group[0]} .. {group[-1]}" if len(group) > 1 else f"{mode} {group[0]}"
             print(f"| {label} | " + " | ".join(f"{a:.3f}" for a in accs) + " |")

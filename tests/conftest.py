@@ -1,4 +1,6 @@
+import gzip
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,17 @@ def load_mftma_case(case: str) -> list[np.ndarray]:
     d = np.load(path, allow_pickle=False)
     P = json.loads(str(d["meta"]))["P"]
     return [d[f"X_{i:03d}"].astype(np.float64).T for i in range(P)]
+
+
+def write_idx(path: Path, arr: np.ndarray, gz: bool = False) -> None:
+    """A fake idx file (unsigned bytes; ``path`` + ".gz" gzip-compressed when gz), as MNIST ships them."""
+    head = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    data = head + arr.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(str(path) + ".gz", "wb") as fh:
+            fh.write(data)
+    else:
+        path.write_bytes(data)
 
 
 @pytest.fixture

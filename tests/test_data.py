@@ -1,5 +1,4 @@
 """Offline dataset loaders: tiny fake files of every format, the restricted unpickler, label noise."""
-import gzip
 import os
 import pickle
 import struct
@@ -12,6 +11,8 @@ from geomprobe import InputError
 from geomprobe.trainers import data as D
 from geomprobe.trainers.noise import LabelNoise, permute_labels
 
+from conftest import write_idx
+
 
 # -- fake files ----------------------------------------------------------------------------------
 def _cifar_py(path: Path, n: int, rng, labels_key=b"labels", n_classes=10, protocol=2):
@@ -22,17 +23,6 @@ def _cifar_py(path: Path, n: int, rng, labels_key=b"labels", n_classes=10, proto
     with open(path, "wb") as fh:
         pickle.dump(d, fh, protocol=protocol)
     return d
-
-
-def _idx(path: Path, arr: np.ndarray, gz: bool):
-    code = 0x08
-    head = bytes([0, 0, code, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
-    data = head + arr.astype(np.uint8).tobytes()
-    if gz:
-        with gzip.open(str(path) + ".gz", "wb") as fh:
-            fh.write(data)
-    else:
-        path.write_bytes(data)
 
 
 def test_cifar10_binary(tmp_path, rng):
@@ -140,10 +130,10 @@ def test_mnist_idx(tmp_path, rng, gz):
     ytr = rng.integers(0, 10, 5)
     xte = rng.integers(0, 256, (2, 28, 28))
     yte = np.array([9, 0])
-    _idx(tmp_path / "train-images-idx3-ubyte", xtr, gz)
-    _idx(tmp_path / "train-labels-idx1-ubyte", ytr, gz)
-    _idx(tmp_path / "t10k-images-idx3-ubyte", xte, gz)
-    _idx(tmp_path / "t10k-labels-idx1-ubyte", yte, gz)
+    write_idx(tmp_path / "train-images-idx3-ubyte", xtr, gz)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", ytr, gz)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", xte, gz)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", yte, gz)
     ds = D.load_mnist(tmp_path)
     assert ds.x_train.shape == (5, 1, 28, 28) and ds.n_classes == 10
     np.testing.assert_array_equal(ds.y_train, ytr)
@@ -184,7 +174,7 @@ def test_env_root(tmp_path, rng, monkeypatch):
     folder.mkdir()
     for name, arr in (("train-images-idx3-ubyte", rng.integers(0, 9, (2, 4, 4))), ("train-labels-idx1-ubyte", [1, 2]),
                       ("t10k-images-idx3-ubyte", rng.integers(0, 9, (1, 4, 4))), ("t10k-labels-idx1-ubyte", [3])):
-        _idx(folder / name, np.asarray(arr), False)
+        write_idx(folder / name, np.asarray(arr), False)
     monkeypatch.setenv("GEOMPROBE_DATA", str(tmp_path))
     assert D.load_dataset("mnist").y_test.tolist() == [3]
 

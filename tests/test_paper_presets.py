@@ -2,7 +2,6 @@
 on fake files in the real on-disk formats (CIFAR binary, idx), with only the schedule and the sample
 sizes shortened. The model options (architecture, width, channels, depths, loss) stay the paper's."""
 import json
-import struct
 
 import numpy as np
 import pytest
@@ -12,6 +11,8 @@ torch = pytest.importorskip("torch")
 from geomprobe.cli.main import main  # noqa: E402
 from geomprobe.io import open_activations  # noqa: E402
 from geomprobe.trainers.options import SPECS  # noqa: E402
+
+from conftest import write_idx  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +24,6 @@ def _cifar_bin(path, n, n_label_bytes, n_classes, rng):
     np.concatenate([labels, images], axis=1).tofile(path)
 
 
-def _idx(path, arr):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
-    path.write_bytes(header + arr.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
@@ -38,9 +33,10 @@ def data_root(tmp_path_factory):
     _cifar_bin(root / "cifar10" / "cifar-10-batches-bin" / "test_batch.bin", 60, 1, 10, rng)
     _cifar_bin(root / "cifar100" / "cifar-100-binary" / "train.bin", 600, 2, 100, rng)
     _cifar_bin(root / "cifar100" / "cifar-100-binary" / "test.bin", 300, 2, 100, rng)
+    (root / "mnist").mkdir()
     for split, n in (("train", 100), ("t10k", 50)):
-        _idx(root / "mnist" / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        _idx(root / "mnist" / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n))
+        write_idx(root / "mnist" / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / "mnist" / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n))
     return root
 
 

@@ -116,9 +116,12 @@ def layer_param_names(model: nn.Module) -> dict[str, list[str]]:
     return out
 
 
-def rewind_layer(model: nn.Module, layer: str, state: dict[str, torch.Tensor]) -> None:
-    """Replace one layer's parameters (and buffers) in ``model`` by their values in ``state``."""
-    names = layer_param_names(model)
+def rewind_layer(model: nn.Module, layer: str, state: dict[str, torch.Tensor],
+                 names: dict[str, list[str]] | None = None) -> None:
+    """Replace one layer's parameters (and buffers) in ``model`` by their values in ``state``.
+
+    ``names``: ``layer_param_names(model)`` when the caller has it already (rewind_table)."""
+    names = layer_param_names(model) if names is None else names
     if layer not in names:
         raise InputError(f"layer {layer!r} has no parameters in {type(model).__name__}; layers: {', '.join(names)}")
     with torch.no_grad():
@@ -137,7 +140,8 @@ def rewind_table(model: nn.Module, final_state: dict[str, torch.Tensor], checkpo
     ``checkpoints`` maps epoch -> path or model state dict; ``evaluate(model)`` returns metrics (e.g.
     train/test accuracy). Returns rows {layer, epoch, **metrics}. The model ends with the final weights.
     """
-    layers = list(layers) if layers is not None else list(layer_param_names(model))
+    names = layer_param_names(model)
+    layers = list(layers) if layers is not None else list(names)
     rows = []
     for epoch, ck in checkpoints.items():
         state = ck if isinstance(ck, dict) and "model" not in ck else None
@@ -146,7 +150,7 @@ def rewind_table(model: nn.Module, final_state: dict[str, torch.Tensor], checkpo
             state = loaded["model"]
         for layer in layers:
             model.load_state_dict(final_state)
-            rewind_layer(model, layer, state)
+            rewind_layer(model, layer, state, names)
             rows.append({"layer": layer, "epoch": int(epoch), **evaluate(model)})
     model.load_state_dict(final_state)
     return rows

@@ -396,10 +396,10 @@ def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: boo
         missing.append(why)
         eff += [_missing(names[0], why, crit0), _missing(names[1], why, crit1)]
     else:
-        eff.append(_e2_best_epoch_effect({s: cap("best", s) for s in ("unpermuted", "permuted", "restored", "test")},
-                                         layers, bound, crit0))
-        pb, pf = cap("best", "permuted"), cap("final", "permuted")
-        rb, rf = cap("best", "restored"), cap("final", "restored")
+        best = {s: cap("best", s) for s in ("unpermuted", "permuted", "restored", "test")}
+        eff.append(_e2_best_epoch_effect(best, layers, bound, crit0))
+        pb, pf = best["permuted"], cap("final", "permuted")
+        rb, rf = best["restored"], cap("final", "restored")
         first = 1 if len(layers) > 2 and layers[0] == "input" else 0
         rise_last = pf[-1] / pb[-1]
         change_first = abs(pf[first] - pb[first]) / pb[first]

@@ -22,7 +22,7 @@ from .._validation import (
 )
 from ._data import Manifolds, as_manifolds, blas_threads, n_workers
 from .anchors import SOLVERS, cvxpy_anchors, nnls_max_iter
-from .centers import fit_center_model
+from .centers import fit_center_model, qr_signs
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,7 @@ def _prepare_one(Xi: np.ndarray, ci: np.ndarray, xbar: np.ndarray, V11: np.ndarr
         Z /= nrm
         order = np.argsort(-np.einsum("ij,ij->i", Z, Z), kind="stable")
         R = np.linalg.qr(Z[order].T, mode="r")             # (min(N, m), m)
-        sgn = np.where(np.diag(R) < 0, -1.0, 1.0)
-        R *= sgn[:, None]
+        R *= qr_signs(R)[:, None]
     return np.vstack([R, np.ones((1, m))])
 
 
@@ -295,6 +294,10 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
             return _prepare_one(man.get(canon[r]), centers[canon[r]], xbar, V11,
                                 grams[r].result() if grams else None)
 
+        def spawn_t(r: int, d1: int) -> np.ndarray:
+            """Manifold r's Gaussian samples in spawn mode: its own stream, whatever runs it."""
+            return np.random.default_rng(children[1 + r]).standard_normal((d1, n_t))
+
         metrics = None
         if reference or solver != "fast":
             sd1s = list(ex.map(prep, range(P)))
@@ -306,8 +309,7 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
                 sd = prep(r)
                 if sd.size == 0:
                     return sd, None
-                T = np.random.default_rng(children[1 + r]).standard_normal((sd.shape[0], n_t))
-                return sd, manifold_metrics(sd, T, kappa, cap)
+                return sd, manifold_metrics(sd, spawn_t(r, sd.shape[0]), kappa, cap)
 
             both = list(ex.map(prep_and_anchor, range(P)))
             sd1s = [b[0] for b in both]
@@ -325,9 +327,7 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
 
     def t_vectors(r: int) -> np.ndarray:
         """Manifold r's Gaussian samples (spawn mode: from its own stream)."""
-        if reference:
-            return Ts[r]
-        return np.random.default_rng(children[1 + r]).standard_normal((d1s[r], n_t))
+        return Ts[r] if reference else spawn_t(r, d1s[r])
 
     out = np.zeros((P, 5))
     if solver == "fast":

@@ -40,10 +40,16 @@ class CenterModel:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
+def qr_signs(R: np.ndarray) -> np.ndarray:
+    """+-1 per row of a QR factor R: multiplying R's rows (and Q's columns) by them makes R's diagonal
+    non-negative, which makes the thin QR unique for full column rank."""
+    return np.where(np.diag(R) < 0, -1.0, 1.0)
+
+
 def _sign_fixed_qr(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Thin QR with a non-negative R diagonal (unique for full column rank)."""
     Q, R = np.linalg.qr(A)
-    sgn = np.where(np.diag(R) < 0, -1.0, 1.0)
+    sgn = qr_signs(R)
     return Q * sgn, R * sgn[:, None]
 
 
@@ -94,7 +100,7 @@ def center_basis(centers: np.ndarray, *, reference: bool = False) -> tuple[np.nd
         Q = Q[:, :n]
         return np.ascontiguousarray(Xb @ Q), _Basis(Xb, Q=np.ascontiguousarray(Q)), sv
     R = np.linalg.qr(Xb.T, mode="r")                  # (min(N,P), P)
-    R = R * np.where(np.diag(R) < 0, -1.0, 1.0)[:, None]
+    R = R * qr_signs(R)[:, None]
     sv = np.linalg.svd(R, compute_uv=False)
     return np.ascontiguousarray(R[:n].T), _Basis(Xb, R=R), sv
 
