@@ -20,7 +20,7 @@ HEADLINE = {
     "final_epoch_permuted_rises_restored_falls_in_last_layers": ("permuted_rise_last_layer", "restored_best",
                                                                  "restored_final"),
     "rewinding_last_layers_recovers_test_accuracy": ("best_test_acc", "final_test_acc", "rewound_test_acc",
-                                                     "rewound_layer", "rewind_epoch", "recovered_fraction"),
+                                                     "rewound_layer", "rewind_epoch", "recovered_fraction", "any_layer"),
     "gradient_split_unpermuted_dominates_early": ("mean_ratio",),
     "shallow_convnet_learns_identity": ("identity_at_rho0", "constant_at_rho0"),
     "deep_convnet_learns_constant": ("constant_minus_identity", "shallowest_constant_minus_identity"),

@@ -42,9 +42,13 @@ def run(args) -> int:
         if not args.quiet:
             from geomprobe.trainers.effects import load_summary
 
-            s = load_summary(d)
-            print(f"{s['experiment']} ({s['preset']}, seed {s['seed']}): {s['n_passed']}/{s['n_effects']} effects shown")
-            for e in s["effects"]:
-                print(f"  [{'x' if e['passed'] else ' '}] {e['name']}")
+            print("\n".join(effects_lines(load_summary(d))))
         print(f"report: {path}")
     return 0
+
+
+def effects_lines(summary: dict) -> list[str]:
+    """The effects of a summary.json as printed by `geomprobe report` and `geomprobe train`."""
+    s = summary
+    lines = [f"{s['experiment']} ({s['preset']}, seed {s['seed']}): {s['n_passed']}/{s['n_effects']} effects shown"]
+    return lines + [f"  [{'x' if e['passed'] else ' '}] {e['name']}" for e in s["effects"]]

@@ -116,5 +116,14 @@ def run(args) -> int:
         files = sorted(str(p.relative_to(out)) for p in out.rglob("acts_*.npz"))
         print(f"activation files ({len(files)}): " + ", ".join(files[:12]) + (" ..." if len(files) > 12 else ""))
         print(f"next: geomprobe analyze {out}/**/acts_*.npz -o {out}/analysis")
+        summary, state = out / "summary.json", out / "experiment.json"
+        if summary.is_file() and summary.stat().st_mtime_ns >= state.stat().st_mtime_ns:  # this run's, not an old one
+            from geomprobe.trainers.effects import load_summary
+
+            from .report import effects_lines
+
+            print("\n".join(effects_lines(load_summary(out))))
+            if (out / "report" / "report.md").is_file():
+                print(f"report: {out / 'report' / 'report.md'} (criteria: docs/reproducing.md)")
     del result
     return 0

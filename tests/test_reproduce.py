@@ -98,6 +98,34 @@ def test_missing_artefact_is_listed_not_dropped(runs, tmp_path):
     assert any("MFTMA" in m for m in s["missing"])  # mftma=False: capacity effects cannot be measured
 
 
+def test_rewinding_effect_reads_the_rewind_table(runs, tmp_path):
+    """Known rewind table: only layers of the last half and epochs 0 < e < final count; the best rewind over
+    every layer is reported as context; recovered fraction = (rewound - final) / (best - final)."""
+    import shutil
+
+    d = tmp_path / "e2"
+    shutil.copytree(runs["label-noise-geometry"], d)
+    exp = json.loads((d / "experiment.json").read_text())
+    exp["result"]["best"]["test_acc"], exp["result"]["final"]["test_acc"] = 0.8, 0.5
+    exp["result"]["final_epoch"] = 10
+    (d / "experiment.json").write_text(json.dumps(exp))
+    acc = {("a", 5): 0.79, ("b", 5): 0.55, ("c", 5): 0.62, ("d", 5): 0.6,   # a: first half, best of all
+           ("c", 0): 0.9, ("d", 10): 0.95}                                 # epoch 0 and the final epoch: excluded
+    rows = [{"layer": k[0], "epoch": k[1], "train_acc": 1.0, "test_acc": v} for k, v in acc.items()]
+    (d / "rewind.json").write_text(json.dumps(rows))
+    s = effects.summarize(d, mftma=False)
+    e = next(e for e in s["effects"] if e["name"] == "rewinding_last_layers_recovers_test_accuracy")
+    m = e["measured"]
+    assert m["layers_considered"] == ["c", "d"] and (m["rewound_layer"], m["rewind_epoch"]) == ("c", 5)
+    assert m["recovered_fraction"] == pytest.approx((0.62 - 0.5) / 0.3) and not e["passed"]
+    assert m["any_layer"]["layer"] == "a" and m["any_layer"]["recovered_fraction"] == pytest.approx(0.29 / 0.3)
+    rows.append({"layer": "d", "epoch": 7, "train_acc": 1.0, "test_acc": 0.66})  # (0.66 - 0.5) / 0.3 >= 0.5
+    (d / "rewind.json").write_text(json.dumps(rows))
+    e = next(e for e in effects.summarize(d, mftma=False)["effects"]
+             if e["name"] == "rewinding_last_layers_recovers_test_accuracy")
+    assert e["passed"] and e["measured"]["rewound_layer"] == "d"
+
+
 def _check_axes(fig, name):
     from matplotlib.colorbar import Colorbar  # noqa: F401
 
@@ -194,12 +222,25 @@ def test_e2_permuted_capacity_rises_in_last_layer_after_best_epoch(tmp_path):
     from geomprobe.cli.demo import DEMO_OPTIONS
 
     sets = [f"{k}={v}" for k, v in DEMO_OPTIONS.items() if k not in ("device", "progress")]
-    s = _run(tmp_path, "label-noise-geometry", "small", sets)
+    s = _run(tmp_path, "label-noise-geometry", "tiny", sets)
     m = _eff(s, "final_epoch_permuted_rises_restored_falls_in_last_layers")
     assert m["permuted_final"][-1] > m["permuted_best"][-1]
     assert m["restored_final"][-1] < m["restored_best"][-1]
     fig = figures.e2_umap(tmp_path / "label-noise-geometry", s)
     _check_axes(fig, "e2_umap")
+
+
+@pytest.mark.slow
+def test_e2_small_preset_rewinding_a_last_layer_recovers_test_accuracy(tmp_path):
+    """The small preset's AlexNet on Fashion-MNIST, shortened: memorising the permuted labels costs test
+    accuracy, and putting one layer of the last half back to an earlier epoch wins part of it back."""
+    _needs_fashion_mnist()
+    s = _run(tmp_path, "label-noise-geometry", "small", ["n_train=3000", "n_test=2000", "epochs=40", "keep_every=8",
+                                                          "split_every=0", "capture_per_class=5"])
+    m = _eff(s, "rewinding_last_layers_recovers_test_accuracy")
+    assert m["layers_considered"] == ["conv4", "conv5", "out"]
+    assert m["drop"] >= 0.05
+    assert m["rewound_test_acc"] > m["final_test_acc"] + 0.25 * m["drop"]
 
 
 @pytest.mark.slow
@@ -240,3 +281,9 @@ def test_train_command_writes_summary_and_report(tmp_path, capsys):
     s = json.loads((d / "summary.json").read_text())
     assert [e["name"] for e in s["effects"]] == effects.EFFECT_NAMES["normalized-loss"]
     assert (d / "report" / "report.md").exists() and (d / "report" / "e4_losses.png").exists()
+    assert capsys.readouterr().out == ""  # --quiet
+    assert main(["train", "normalized-loss", "--preset", "tiny", "--device", "cpu", "--out", str(d), "--force"] + sets) == 0
+    out = capsys.readouterr().out
+    assert f"normalized-loss (tiny, seed 0): {s['n_passed']}/3 effects shown" in out
+    assert "[x] normalized_losses_on_a_line" in out or "[ ] normalized_losses_on_a_line" in out
+    assert f"report: {d / 'report' / 'report.md'}" in out

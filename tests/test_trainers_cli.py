@@ -131,3 +131,28 @@ def test_resume_experiment_after_interruption(tmp_path, monkeypatch):
     a = open_activations(tmp_path / "ref" / "sigma_0.1" / "acts_final.npz")
     b = open_activations(tmp_path / "run" / "sigma_0.1" / "acts_final.npz")
     np.testing.assert_array_equal(a.layer("act1"), b.layer("act1"))
+
+
+def test_demo_options_do_not_depend_on_a_preset():
+    """The demo is the feed-forward net on spheres whatever the presets say: it sets every option the
+    tiny preset (its base) sets, and the model and dataset explicitly."""
+    from geomprobe.cli.demo import DEMO_OPTIONS
+
+    tiny = SPECS["label-noise-geometry"].presets["tiny"]
+    assert set(tiny) - set(DEMO_OPTIONS) == set()
+    o = options_for("label-noise-geometry", "tiny", DEMO_OPTIONS)
+    assert (o.model, o.dataset) == ("feedforward", "spheres")
+    assert {k: getattr(o, k) for k in DEMO_OPTIONS} == DEMO_OPTIONS
+
+
+def test_e2_spheres_config_file_selects_the_feed_forward_net(tmp_path):
+    """docs/configs/e2_small_spheres.json (E2's small preset before session 4, kept for comparison) loads
+    through --config on top of the small preset and names only known options."""
+    from pathlib import Path
+
+    from geomprobe.cli.train import _read_config
+
+    cfg = _read_config(str(Path(__file__).parents[1] / "docs" / "configs" / "e2_small_spheres.json"))
+    o = options_for("label-noise-geometry", "small", cfg)
+    assert (o.dataset, o.model, o.n_classes, o.capture_per_class) == ("spheres", "feedforward", 50, 20)
+    assert SPECS["label-noise-geometry"].presets["small"]["model"] == "alexnet"

@@ -438,10 +438,16 @@ def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: boo
             acc, layer, ep = max(cand)
             drop = best_acc - final_acc
             frac = (acc - final_acc) / drop if drop > 0 else float("nan")
+            # context, not part of the criterion: the best single-layer rewind over every layer
+            any_acc, any_layer, any_ep = max((r["test_acc"], r["layer"], r["epoch"]) for r in rows
+                                             if r.get("test_acc") is not None and 0 < r["epoch"] < final_ep)
             eff.append(_effect(names[2], drop >= c["e2_min_drop"] and frac >= c["e2_rewind_recovery"],
                                {"best_test_acc": best_acc, "final_test_acc": final_acc, "drop": drop,
                                 "rewound_test_acc": acc, "rewound_layer": layer, "rewind_epoch": ep,
-                                "recovered_fraction": frac, "layers_considered": last}, crit2))
+                                "recovered_fraction": frac, "layers_considered": last,
+                                "any_layer": {"layer": any_layer, "rewind_epoch": any_ep, "rewound_test_acc": any_acc,
+                                              "recovered_fraction": (any_acc - final_acc) / drop if drop > 0
+                                              else float("nan")}}, crit2))
     # gradient split
     crit3 = (f"mean over the early epochs (1 .. best epoch) of the per-example label-dependent gradient norm "
              f"(dependent_total / n) of unpermuted over permuted examples > {c['e2_split_ratio']}")
