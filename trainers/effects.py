@@ -430,24 +430,26 @@ def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: boo
         final_acc = (res.get("final") or {}).get("test_acc")
         final_ep = int(res.get("final_epoch") or max(re_))
         last = rl[len(rl) // 2:]
-        cand = [(r["test_acc"], r["layer"], r["epoch"]) for r in rows
-                if r["layer"] in last and r.get("test_acc") is not None and 0 < r["epoch"] < final_ep]
+        rewound = [(r["test_acc"], r["layer"], r["epoch"]) for r in rows  # epochs strictly inside training
+                   if r.get("test_acc") is not None and 0 < r["epoch"] < final_ep]
+        cand = [t for t in rewound if t[1] in last]
         if best_acc is None or final_acc is None or not cand:
             eff.append(_missing(names[2], "test accuracies in experiment.json / rewind rows", crit2))
         else:
-            acc, layer, ep = max(cand)
             drop = best_acc - final_acc
-            frac = (acc - final_acc) / drop if drop > 0 else float("nan")
-            # context, not part of the criterion: the best single-layer rewind over every layer
-            any_acc, any_layer, any_ep = max((r["test_acc"], r["layer"], r["epoch"]) for r in rows
-                                             if r.get("test_acc") is not None and 0 < r["epoch"] < final_ep)
+
+            def recovered(a: float) -> float:
+                return (a - final_acc) / drop if drop > 0 else float("nan")
+
+            acc, layer, ep = max(cand)
+            frac = recovered(acc)
+            any_acc, any_layer, any_ep = max(rewound)  # context, not part of the criterion: any layer
             eff.append(_effect(names[2], drop >= c["e2_min_drop"] and frac >= c["e2_rewind_recovery"],
                                {"best_test_acc": best_acc, "final_test_acc": final_acc, "drop": drop,
                                 "rewound_test_acc": acc, "rewound_layer": layer, "rewind_epoch": ep,
                                 "recovered_fraction": frac, "layers_considered": last,
                                 "any_layer": {"layer": any_layer, "rewind_epoch": any_ep, "rewound_test_acc": any_acc,
-                                              "recovered_fraction": (any_acc - final_acc) / drop if drop > 0
-                                              else float("nan")}}, crit2))
+                                              "recovered_fraction": recovered(any_acc)}}, crit2))
     # gradient split
     crit3 = (f"mean over the early epochs (1 .. best epoch) of the per-example label-dependent gradient norm "
              f"(dependent_total / n) of unpermuted over permuted examples > {c['e2_split_ratio']}")
