@@ -365,6 +365,43 @@ def test_cuda_training_path(tmp_path):
     assert np.isfinite(r.final["train_loss"])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["extreme-memorization", "label-noise-geometry", "identity-crisis",
+                                  "normalized-loss"])
+def test_every_experiment_runs_on_cuda_and_measures_like_the_cpu(name, tmp_path):
+    """Each tiny preset end to end on CUDA (E3 once evaluated its probes on CPU tensors against a CUDA
+    model): the run finishes, writes its effects, and its numbers match the CPU run's to rounding."""
+    from geomprobe.trainers.effects import EFFECT_NAMES, load_summary
+    from geomprobe.trainers.experiments import run_experiment
+    from geomprobe.trainers.options import options_for
+
+    out = {}
+    for device in ("cuda", "cpu"):
+        o = options_for(name, "tiny", seed=0, device=device, progress="off")
+        run_experiment(name, o, tmp_path / device, preset="tiny")
+        out[device] = load_summary(tmp_path / device)
+    assert [e["name"] for e in out["cuda"]["effects"]] == EFFECT_NAMES[name]
+    exp = {d: json.loads((tmp_path / d / "experiment.json").read_text()) for d in out}
+    assert exp["cuda"]["status"] == "done"
+    # same data, init and order: losses agree to float32 kernel differences, accuracies to a few examples
+    for end, tol in (("loss", dict(rtol=2e-2, atol=1e-4)), ("acc", dict(rtol=0, atol=0.03))):
+        got = {d: [v for k, v in _numbers(exp[d]["result"]) if k.endswith(end)] for d in exp}
+        assert len(got["cuda"]) == len(got["cpu"])
+        np.testing.assert_allclose(got["cuda"], got["cpu"], **tol, err_msg=f"{name}: *{end}")
+    assert any(k.endswith(("loss", "acc")) for k, _ in _numbers(exp["cuda"]["result"]))
+
+
+def _numbers(obj, key=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{key}/{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{key}/{i}")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield key, float(obj)
+
+
 def test_e2_image_size_zero_pads_and_rejects_a_smaller_size():
     from geomprobe.trainers.experiments import _e2_data
     from geomprobe.trainers.options import options_for

@@ -309,13 +309,14 @@ def run_identity_crisis(o: IdentityCrisisOptions, out: Path, force: bool) -> dic
             continue
         with torch.no_grad():
             model.eval()
-            pred = model(torch.as_tensor(probe_x)).numpy()
+            dev = next(model.parameters()).device  # train() moved it to the run's device
+            pred = model(torch.as_tensor(probe_x).to(dev)).cpu().numpy()
         entry = {"run": name, "steps": res.steps, "final_train_loss": res.final.get("train_loss"),
                  "weight_distance": res.final.get("weight_distance")}
         if name == "fcn-linear-h0":
             W0 = w0["out.weight"].double().numpy()
             b0 = w0["out.bias"].double().numpy()
-            Wt = model.out.weight.detach().double().numpy()
+            Wt = model.out.weight.detach().double().cpu().numpy()
             # eq. 1 with a bias: augment x with a constant 1 (the bias is a weight column)
             Wa0 = np.concatenate([W0, b0[:, None]], 1)
             xa = np.concatenate([x_hat.reshape(-1).astype(np.float64), [1.0]])
