@@ -53,10 +53,10 @@ def _one(name: str, config: dict, seed: int, device: str, out: str, threads: int
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| config | seeds | rewinding passed | recovered fraction mean (min-max) | best layer (any) mean | "
+    lines = ["| config | seeds | rewinding passed | recovered fraction mean (min-max) | any layer: mean | "
              "best / final test acc | split passed | s per run |", "|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["config"] for r in rows):
-        rs = [r for r in rows if r["config"] == name]
+        rs = sorted((r for r in rows if r["config"] == name), key=lambda r: r["seed"])
         fr = [r["recovered_fraction"] for r in rs if r["recovered_fraction"] is not None]
         anyf = [r["any_layer"]["recovered_fraction"] for r in rs
                 if r.get("any_layer") and r["any_layer"]["recovered_fraction"] is not None]

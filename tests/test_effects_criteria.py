@@ -104,3 +104,51 @@ def test_e2_best_epoch_fails(over, why):
     assert not e["passed"], why
     if "missing" in why:
         assert e["measured"]["nonfinite_capacity"] in (["test/out"], ["permuted/relu2"])
+
+
+# -- E3: only nets that fit their one example enter the effects -----------------------------------------
+
+
+def _e3_dir(tmp_path, nets):
+    """nets: (run name, 'identity' | 'constant', relative final loss); predictions are exact maps."""
+    from geomprobe import probes
+    from geomprobe.io import save_activations
+
+    d = tmp_path / "e3"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    x_hat = rng.standard_normal(16)
+    pin = probes.make_probe_inputs(x_hat, [0.0, 0.5, 1.0], 4, seed=1)
+    runs = []
+    for name, kind, rel in nets:
+        pred = pin.inputs if kind == "identity" else np.repeat(x_hat[None], len(pin.inputs), 0)
+        save_activations(d / f"acts_{name}.npz", np.zeros(4, np.int64), {"h": rng.standard_normal((4, 3))},
+                         extra={"probe/x_hat": x_hat, "probe/inputs": pin.inputs, "probe/rho": pin.rho,
+                                f"probe/pred/{name}": pred})
+        runs.append({"run": name, "steps": 10, "final_train_loss": rel * 0.5 * float(x_hat @ x_hat),
+                     "activation_file": f"acts_{name}.npz"})
+    (d / "experiment.json").write_text(json.dumps({"experiment": "identity-crisis", "preset": "small",
+                                                   "options": {"seed": 0}, "status": "done",
+                                                   "result": {"runs": runs}}))
+    return d
+
+
+def test_e3_a_net_that_did_not_fit_its_example_is_left_out_and_named(tmp_path):
+    # the deepest ConvNet stopped at 20 % of the zero map's loss and still outputs its input: counted, it
+    # would make "deep ConvNet learns the constant map" fail; as in the paper, only fitted nets count
+    nets = [("conv-d1-c8", "identity", 0.0), ("conv-d5-c8", "constant", 0.01), ("conv-d9-c8", "identity", 0.2)]
+    s = effects.summarize(_e3_dir(tmp_path, nets))
+    e = _by_name(s)
+    assert e["deep_convnet_learns_constant"]["passed"]
+    assert e["deep_convnet_learns_constant"]["measured"]["run"] == "conv-d5-c8"
+    assert e["shallow_convnet_learns_identity"]["passed"]
+    assert any("not fitted" in m and "conv-d9-c8 (0.2)" in m for m in s["missing"])
+    rel = {m["run"]: m["relative_train_loss"] for m in s["data"]["models"]}
+    assert rel["conv-d5-c8"] == pytest.approx(0.01) and rel["conv-d9-c8"] == pytest.approx(0.2)
+    # just below the threshold a net counts; just above it, it does not
+    t = effects.CRITERIA["e3_fit"]
+    for rel9, counted in ((t * 0.99, True), (t * 1.01, False)):
+        sub = tmp_path / f"t{rel9}"
+        sub.mkdir()
+        s2 = effects.summarize(_e3_dir(sub, nets[:2] + [("conv-d9-c8", "identity", rel9)]))
+        assert (_by_name(s2)["deep_convnet_learns_constant"]["measured"]["run"] == "conv-d9-c8") == counted

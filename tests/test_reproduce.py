@@ -232,15 +232,17 @@ def test_e2_permuted_capacity_rises_in_last_layer_after_best_epoch(tmp_path):
 
 @pytest.mark.slow
 def test_e2_small_preset_rewinding_a_last_layer_recovers_test_accuracy(tmp_path):
-    """The small preset's AlexNet on Fashion-MNIST, shortened: memorising the permuted labels costs test
-    accuracy, and putting one layer of the last half back to an earlier epoch wins part of it back."""
+    """The small preset's AlexNet (1/8 width, 150 epochs) on Fashion-MNIST, with fewer test images,
+    checkpoints and captured points: memorising the permuted labels costs test accuracy, and putting one
+    layer of the last half back to an earlier epoch wins most of it back (60-72 % over 11 seeds on a GPU,
+    docs/reproducing.md; asserted with a margin for the smaller test set)."""
     _needs_fashion_mnist()
-    s = _run(tmp_path, "label-noise-geometry", "small", ["n_train=3000", "n_test=2000", "epochs=40", "keep_every=8",
-                                                          "split_every=0", "capture_per_class=5"])
+    s = _run(tmp_path, "label-noise-geometry", "small", ["n_test=2000", "keep_every=10", "split_every=0",
+                                                          "capture_per_class=5"])
     m = _eff(s, "rewinding_last_layers_recovers_test_accuracy")
     assert m["layers_considered"] == ["conv4", "conv5", "out"]
-    assert m["drop"] >= 0.05
-    assert m["rewound_test_acc"] > m["final_test_acc"] + 0.25 * m["drop"]
+    assert m["drop"] >= 0.1
+    assert m["rewound_test_acc"] > m["final_test_acc"] + 0.4 * m["drop"]
 
 
 @pytest.mark.slow

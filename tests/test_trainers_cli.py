@@ -156,3 +156,19 @@ def test_e2_spheres_config_file_selects_the_feed_forward_net(tmp_path):
     o = options_for("label-noise-geometry", "small", cfg)
     assert (o.dataset, o.model, o.n_classes, o.capture_per_class) == ("spheres", "feedforward", 50, 20)
     assert SPECS["label-noise-geometry"].presets["small"]["model"] == "alexnet"
+
+
+def test_e2_half_width_config_file_restores_the_session_4_preset():
+    """docs/configs/e2_small_alexnet_half.json: E2's small preset of session 4 (AlexNet at half width for
+    60 epochs), kept for comparison; on top of today's small preset it differs only in those options."""
+    from pathlib import Path
+
+    from geomprobe.cli.train import _read_config
+
+    cfg = _read_config(str(Path(__file__).parents[1] / "docs" / "configs" / "e2_small_alexnet_half.json"))
+    o = options_for("label-noise-geometry", "small", cfg)
+    now = options_for("label-noise-geometry", "small")
+    assert (o.model, o.width_factor, o.epochs, o.keep_every) == ("alexnet", 0.5, 60, 4)
+    diff = {k for k in vars(o) if getattr(o, k) != getattr(now, k)}
+    assert diff == {"width_factor", "epochs", "keep_every"}
+

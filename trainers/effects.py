@@ -49,6 +49,7 @@ CRITERIA = {
     "e2_min_drop": 0.02,  # a drop smaller than this (2 points) is no memorization to undo
     "e2_split_ratio": 1.0,  # early epochs: unpermuted / permuted label-dependent gradient norm > this
     # E3
+    "e3_fit": 0.05,  # a net enters the E3 effects only if its final loss <= this x the zero map's 0.5 ||x||^2
     "e3_identity_min": 0.5,  # shallow ConvNet: identity correlation on orthogonal inputs (rho = 0)
     # E4
     "e4_train_acc": 0.999,  # nets enter the E4 fits only at zero training error (as in the paper)
@@ -490,6 +491,10 @@ _FCN = re.compile(r"^fcn-(?P<act>[a-z]+)-h(?P<h>\d+)(?:-w(?P<w>\d+))?$")
 _CONV = re.compile(r"^conv-d(?P<d>\d+)-c(?P<c>\d+)$")
 
 
+def _g(v) -> str:
+    return "no loss logged" if v is None else f"{v:.3g}"
+
+
 def _e3(out: Path, exp: dict, missing: list[str]):
     from geomprobe.probes import probe_correlations
 
@@ -516,7 +521,11 @@ def _e3(out: Path, exp: dict, missing: list[str]):
         else:
             family, depth = "other", 0
         lo = pc.rho < 1.0
+        loss = r.get("final_train_loss")
+        # the training loss is 0.5 ||f(x) - x||^2: relative to the zero map's, 0.5 ||x||^2
+        rel = float(loss) / (0.5 * float(np.sum(np.asarray(x_hat, np.float64) ** 2))) if loss is not None else None
         models.append({"run": r["run"], "family": family, "depth": depth, "rho": pc.rho,
+                       "relative_train_loss": rel,
                        "identity": pc.identity_mean, "constant": pc.constant_mean,
                        "final_train_loss": r.get("final_train_loss"), "steps": r.get("steps"),
                        "eq1_max_abs_diff": r.get("eq1_max_abs_diff"),
@@ -524,10 +533,16 @@ def _e3(out: Path, exp: dict, missing: list[str]):
                        if lo.any() else float("nan"),
                        "identity_at_rho0": float(pc.identity_mean[0]), "constant_at_rho0": float(pc.constant_mean[0]),
                        "activation_file": r["activation_file"]})
-    ok_models = [m for m in models if "family" in m]
     diverged = [m["run"] for m in models if "diverged" in m]
     if diverged:
         missing.append(f"diverged (no predictions): {', '.join(diverged)}")
+    # as in the paper, only nets that fit their one example count (E4 likewise keeps nets at zero training error)
+    unfit = [m for m in models if "family" in m and not (m["relative_train_loss"] is not None
+                                                         and m["relative_train_loss"] <= CRITERIA["e3_fit"])]
+    if unfit:
+        missing.append(f"not fitted (final loss > {CRITERIA['e3_fit']:g} x the zero map's 0.5 ||x||^2), left out of "
+                       "the effects: " + ", ".join(f"{m['run']} ({_g(m['relative_train_loss'])})" for m in unfit))
+    ok_models = [m for m in models if "family" in m and m not in unfit]
     data = {"models": models}
     fam: dict[str, list] = {}
     for m in ok_models:
