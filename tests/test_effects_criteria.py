@@ -152,3 +152,9 @@ def test_e3_a_net_that_did_not_fit_its_example_is_left_out_and_named(tmp_path):
         sub.mkdir()
         s2 = effects.summarize(_e3_dir(sub, nets[:2] + [("conv-d9-c8", "identity", rel9)]))
         assert (_by_name(s2)["deep_convnet_learns_constant"]["measured"]["run"] == "conv-d9-c8") == counted
+
+
+def test_summary_numbers_keep_six_significant_digits_not_six_decimals():
+    # a residual of 6e-8 (eq. 1 in a paper run) must not be written as 0.0
+    out = effects._clean({"eq1": 6.248763e-08, "acc": 0.78412345, "big": 123456789.0, "nan": float("nan")})
+    assert out == {"eq1": 6.24876e-08, "acc": 0.784123, "big": 123457000.0, "nan": None}

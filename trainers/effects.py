@@ -97,8 +97,8 @@ def _clean(obj: Any) -> Any:
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        return round(v, 6) if math.isfinite(v) else None
+        v = float(obj)  # 6 significant digits: small values (eq. 1 residuals, fitted losses) keep their size
+        return float(f"{v:.6g}") if math.isfinite(v) else None
     return obj
 
 
