@@ -23,11 +23,19 @@ def add_parser(sub) -> None:
     p.add_argument("--resummarize", action="store_true",
                    help="measure the effects again (re-reading the cached analysis in DIR/analysis)")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP figure (the slowest)")
+    p.add_argument("--analysis-seeds", type=int, default=None, metavar="N",
+                   help="E2, with --resummarize: capacities are the mean over N MFTMA analysis seeds "
+                   "(default: the run's option analysis_seeds)")
     p.add_argument("--quiet", action="store_true", help="print only the report paths")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    if args.analysis_seeds is not None:
+        if args.analysis_seeds < 1:
+            raise InputError(f"--analysis-seeds must be >= 1, got {args.analysis_seeds}")
+        if not args.resummarize:
+            raise InputError("--analysis-seeds changes the summary: give --resummarize too")
     for d in args.dirs:
         if not (Path(d) / "experiment.json").is_file():
             raise InputError(f"{d}: no experiment.json (not a `geomprobe train` output folder)")
@@ -38,7 +46,8 @@ def run(args) -> int:
             raise InputError("geomprobe report needs matplotlib: pip install 'geomprobe[report]'") from None
         raise
     for d in args.dirs:
-        path = build_report(d, resummarize=args.resummarize, umap=not args.no_umap, quiet=args.quiet)
+        path = build_report(d, resummarize=args.resummarize, umap=not args.no_umap, quiet=args.quiet,
+                            analysis_seeds=args.analysis_seeds)
         if not args.quiet:
             from geomprobe.trainers.effects import load_summary
 

@@ -289,3 +289,55 @@ def test_train_command_writes_summary_and_report(tmp_path, capsys):
     assert f"normalized-loss (tiny, seed 0): {s['n_passed']}/3 effects shown" in out
     assert "[x] normalized_losses_on_a_line" in out or "[ ] normalized_losses_on_a_line" in out
     assert f"report: {d / 'report' / 'report.md'}" in out
+
+
+def test_e2_capacities_are_the_mean_over_the_analysis_seeds(runs, tmp_path):
+    d = runs["label-noise-geometry"]
+    one = effects.summarize(d, n_reps=1, n_t=20, write=False)
+    three = effects.summarize(d, n_reps=1, n_t=20, analysis_seeds=3, write=False)
+    seeds = three["data"]["analysis_seeds"]
+    assert len(set(seeds)) == 3 and seeds[0] == one["data"]["analysis_seeds"][0] == 0  # the run's seed first
+    assert seeds == effects.e2_analysis_seeds(0, 3)                                      # reproducible
+    per_seed = [json.loads((d / "analysis" / sub / "metrics.json").read_text())
+                for sub in ["", *(f"seed-{s}" for s in seeds[1:])]]
+    assert [p["options"]["seed"] for p in per_seed] == seeds
+    tag_of = {v["file"]: k for k, v in three["data"]["files"].items()}
+
+    def value(rows, tag, subset, layer):
+        hit = [r for r in rows if r["class"] == "" and r["metric"] == "capacity" and r["subset"] == subset
+               and r["layer"] == layer and tag_of.get(r["file"].rsplit("/", 1)[-1]) == tag]
+        assert len(hit) == 1
+        return float(hit[0]["value"])
+
+    cap3, cap1 = three["data"]["metrics"]["best"]["permuted"]["capacity"], one["data"]["metrics"]["best"]["permuted"]["capacity"]
+    for layer, v in cap3.items():
+        vals = [value(p["rows"], "best", "permuted", layer) for p in per_seed]
+        assert v == pytest.approx(sum(vals) / 3, rel=1e-5)
+        assert cap1[layer] == pytest.approx(vals[0], rel=1e-5)   # one seed: that seed's analysis alone
+    # a cached analysis made with another seed is not reused
+    other = effects.summarize(d, n_reps=1, n_t=20, seed=seeds[1], write=False)
+    assert other["data"]["metrics"]["best"]["permuted"]["capacity"] == pytest.approx(
+        {layer: value(per_seed[1]["rows"], "best", "permuted", layer) for layer in cap3}, rel=1e-5)
+    with pytest.raises(InputError, match="analysis_seeds must be an integer >= 1, got 0"):
+        effects.summarize(d, analysis_seeds=0, write=False)
+
+
+def test_analysis_seeds_option_is_checked_before_training_and_does_not_define_the_run(tmp_path):
+    o = options_for("label-noise-geometry", "tiny", sets=FAST["label-noise-geometry"] + ["analysis_seeds=0"],
+                    device="cpu", progress="off")
+    with pytest.raises(InputError, match="analysis_seeds must be an integer >= 1, got 0"):
+        run_experiment("label-noise-geometry", o, tmp_path / "r", preset="tiny", summarize=False)
+    assert not (tmp_path / "r" / "train").exists()
+    # a run resumed or compared with another analysis_seeds is the same run (it only shapes the summary)
+    from geomprobe.trainers.experiments import _run_options
+
+    o2 = options_for("label-noise-geometry", "tiny", sets=["analysis_seeds=4"])
+    assert _run_options(o2) == _run_options(options_for("label-noise-geometry", "tiny"))
+
+
+def test_report_analysis_seeds_needs_resummarize_and_a_positive_count(runs, capsys):
+    d = str(runs["label-noise-geometry"])
+    assert main(["report", d, "--analysis-seeds", "2"]) == 2
+    assert "--analysis-seeds changes the summary: give --resummarize too" in capsys.readouterr().err
+    assert main(["report", d, "--resummarize", "--analysis-seeds", "0"]) == 2
+    assert "--analysis-seeds must be >= 1, got 0" in capsys.readouterr().err

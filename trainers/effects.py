@@ -169,13 +169,14 @@ def _experiment(out: Path) -> dict:
 
 
 def summarize(outdir: str | Path, *, mftma: bool = True, recompute: bool = False, n_reps: int = 2,
-              n_t: int = 50, seed: int | None = None, write: bool = True) -> dict:
+              n_t: int = 50, seed: int | None = None, analysis_seeds: int | None = None, write: bool = True) -> dict:
     """Measure every effect of the run in ``outdir`` and write ``outdir/summary.json`` (atomically).
 
     ``mftma``: run MFTMA on E2's activation files (else only alignment; capacity effects are then
     listed as missing); ``recompute``: analyse again even if ``outdir/analysis/metrics.json`` holds
     rows for the same files; ``n_reps``/``n_t``: MFTMA repetitions and sampled directions; ``seed``:
-    the analysis seed (default: the run's seed).
+    the analysis seed (default: the run's seed); ``analysis_seeds``: E2's capacities are the mean over
+    this many analysis seeds (default: the run's option ``analysis_seeds``, 1 for runs without it).
     """
     out = Path(outdir)
     exp = _experiment(out)
@@ -187,7 +188,8 @@ def summarize(outdir: str | Path, *, mftma: bool = True, recompute: bool = False
     missing: list[str] = []
     fn = {"extreme-memorization": _e1, "label-noise-geometry": _e2, "identity-crisis": _e3,
           "normalized-loss": _e4}[name]
-    kw = dict(mftma=mftma, recompute=recompute, n_reps=n_reps, n_t=n_t, seed=seed) if name == "label-noise-geometry" \
+    kw = dict(mftma=mftma, recompute=recompute, n_reps=n_reps, n_t=n_t, seed=seed,
+              analysis_seeds=analysis_seeds) if name == "label-noise-geometry" \
         else {}
     effects, data = fn(out, exp, missing, **kw)
     assert [e["name"] for e in effects] == EFFECT_NAMES[name]  # internal invariant, not user input
@@ -299,38 +301,59 @@ def _e2_files(out: Path) -> list[tuple[str, Path, int]]:
     return sorted(found, key=lambda t: (t[2], _TAG_ORDER.get(t[0], 1)))
 
 
+def e2_analysis_seeds(seed: int, n: int) -> list[int]:
+    """The E2 summary's MFTMA seeds: the run's analysis seed, then n - 1 drawn from it (reproducible)."""
+    return [int(seed)] + [int(v) for v in np.random.SeedSequence(int(seed)).generate_state(max(n - 1, 0))]
+
+
 def _e2_rows(out: Path, files: list[Path], *, mftma: bool, recompute: bool, n_reps: int, n_t: int,
-             seed: int) -> list[dict]:
+             seeds: list[int]) -> list[list[dict]]:
+    """MFTMA rows of the activation files, one list per analysis seed (the first in out/analysis, the
+    others in out/analysis/seed-S); each is reused while its files and options are unchanged."""
+    return [_e2_rows_one(out / "analysis" / (f"seed-{s}" if k else ""), files, mftma=mftma, recompute=recompute,
+                         n_reps=n_reps, n_t=n_t, seed=s) for k, s in enumerate(seeds)]
+
+
+def _e2_rows_one(adir: Path, files: list[Path], *, mftma: bool, recompute: bool, n_reps: int, n_t: int,
+                 seed: int) -> list[dict]:
     from geomprobe.analysis import AnalyzeOptions, analyze
 
-    adir = out / "analysis"
     want = sorted(str(p) for p in files)
     cached = adir / "metrics.json"
     if cached.is_file() and not recompute:
         try:
             prev = json.loads(cached.read_text())
-            if sorted(prev.get("files", [])) == want and bool(prev["options"].get("mftma")) >= mftma:
+            po = prev["options"]
+            if (sorted(prev.get("files", [])) == want and bool(po.get("mftma")) >= mftma
+                    and (po.get("seed"), po.get("n_reps"), po.get("n_t")) == (seed, n_reps, n_t)):
                 return prev["rows"]
         except (json.JSONDecodeError, KeyError):
             pass
     opts = AnalyzeOptions(seed=seed, mftma=mftma, n_reps=n_reps, n_t=n_t)
     rep = analyze(want, opts, outdir=adir, force=True)
     if rep.errors:
-        raise InputError(f"analysis of {out} failed for {len(rep.errors)} task(s), first: {rep.errors[0]}")
+        raise InputError(f"analysis in {adir} failed for {len(rep.errors)} task(s), first: {rep.errors[0]}")
     return rep.rows
 
 
-def _e2_table(rows: list[dict], files: list[tuple[str, Path, int]]) -> dict:
-    """tag -> subset -> metric -> {layer: value} (aggregate rows only)."""
+def _e2_table(rows_per_seed: list[list[dict]], files: list[tuple[str, Path, int]]) -> dict:
+    """tag -> subset -> metric -> {layer: value} (aggregate rows only), the mean over the analysis seeds."""
     by_file = {str(p): tag for tag, p, _ in files}
+    values: dict = {}
+    for rows in rows_per_seed:
+        for r in rows:
+            if r["class"] != "" or r["file"] not in by_file:
+                continue
+            v = r["value"]
+            if isinstance(v, str):
+                v = float(v)
+            key = (by_file[r["file"]], r["subset"], r["metric"], r["layer"])
+            values.setdefault(key, []).append(float(v) if v is not None else float("nan"))
     table: dict = {}
-    for r in rows:
-        if r["class"] != "" or r["file"] not in by_file:
-            continue
-        v = r["value"]
-        if isinstance(v, str):
-            v = float(v)
-        table.setdefault(by_file[r["file"]], {}).setdefault(r["subset"], {}).setdefault(r["metric"], {})[r["layer"]] = v
+    for (tag, subset, metric, layer), vs in values.items():
+        # a seed without the row (or with NaN) makes the mean NaN: the effect then fails, nothing is hidden
+        v = float(np.mean(vs)) if len(vs) == len(rows_per_seed) else float("nan")
+        table.setdefault(tag, {}).setdefault(subset, {}).setdefault(metric, {})[layer] = v
     return table
 
 
@@ -360,7 +383,7 @@ def _e2_best_epoch_effect(capacity: dict[str, list[float]], layers: list[str], b
 
 
 def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: bool, n_reps: int, n_t: int,
-        seed: int):
+        seed: int, analysis_seeds: int | None):
     o = exp["options"]
     res = exp.get("result", {})
     names = EFFECT_NAMES["label-noise-geometry"]
@@ -380,9 +403,16 @@ def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: boo
                                                               "permuted_acc", "restored_acc")} for e in epochs]}
     eff: list[dict] = []
     tags = {t for t, _, _ in files}
+    # runs from before the option: one seed, as they were summarised
+    n_seeds = analysis_seeds if analysis_seeds is not None else o.get("analysis_seeds", 1)
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
+        where = "analysis_seeds" if analysis_seeds is not None else f"{out}/experiment.json: options.analysis_seeds"
+        raise InputError(f"{where} must be an integer >= 1, got {n_seeds!r}")
+    seeds = e2_analysis_seeds(seed, n_seeds)
     table = _e2_table(_e2_rows(out, [p for _, p, _ in files], mftma=mftma, recompute=recompute, n_reps=n_reps,
-                               n_t=n_t, seed=seed), files) if files else {}
+                               n_t=n_t, seeds=seeds), files) if files else {}
     data["metrics"] = table
+    data["analysis_seeds"] = seeds
 
     def cap(tag, subset):
         return [table.get(tag, {}).get(subset, {}).get("capacity", {}).get(layer, float("nan")) for layer in layers]

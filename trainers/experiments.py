@@ -80,9 +80,14 @@ def _load_epoch(model, out: Path, which) -> int:
     return int(ck["epoch"])
 
 
+# options that do not define a run: device and progress may change when it is resumed, and
+# analysis_seeds only shapes the summary
+_NOT_DEFINING = ("device", "progress", "analysis_seeds")
+
+
 def _run_options(o: Any) -> dict:
-    """Options that define a run (device and progress may change when it is resumed)."""
-    return {k: v for k, v in dataclasses.asdict(o).items() if k not in ("device", "progress")}
+    """Options that define a run (those not in _NOT_DEFINING)."""
+    return {k: v for k, v in dataclasses.asdict(o).items() if k not in _NOT_DEFINING}
 
 
 def _fmt(v: float) -> str:
@@ -178,6 +183,8 @@ def _e2_model(o: LabelNoiseGeometryOptions, ds: D.Dataset):
 
 
 def run_label_noise_geometry(o: LabelNoiseGeometryOptions, out: Path, force: bool) -> dict:
+    if isinstance(o.analysis_seeds, bool) or not isinstance(o.analysis_seeds, int) or o.analysis_seeds < 1:
+        raise InputError(f"analysis_seeds must be an integer >= 1, got {o.analysis_seeds!r}")
     ds = _e2_data(o)
     noise_path = out / "label_noise.npz"
     noise = permute_labels(ds.y_train, o.eps, o.seed)
@@ -431,13 +438,13 @@ def run_experiment(name: str, options: Any, out: str | Path, *, force: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "experiment.json"
     opts = dataclasses.asdict(options)
-    comparable = {k: v for k, v in opts.items() if k not in ("device", "progress")}
+    comparable = {k: v for k, v in opts.items() if k not in _NOT_DEFINING}
     if state_path.exists() and not force:
         try:
             prev = json.loads(state_path.read_text())
         except json.JSONDecodeError:
             prev = {}
-        prev_cmp = {k: v for k, v in prev.get("options", {}).items() if k not in ("device", "progress")}
+        prev_cmp = {k: v for k, v in prev.get("options", {}).items() if k not in _NOT_DEFINING}
         if prev.get("experiment") != name or prev_cmp != comparable:
             raise InputError(f"{out}: holds a different run ({prev.get('experiment')!r} with other options); "
                              "pass --force to overwrite or use another --out")

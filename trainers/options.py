@@ -94,6 +94,9 @@ class LabelNoiseGeometryOptions(_Common):
     rewind_epochs: list = field(default_factory=list)  # default: every kept checkpoint
     split_every: int = 1  # gradient split on a fixed batch every k epochs (0: off)
     split_batch: int = 1024
+    # the summary's MFTMA capacities are means over this many analysis seeds: the center model's K comes
+    # from random restarts, and with M = 10 points per manifold one seed's capacities are noisy
+    analysis_seeds: int = 1
 
 
 @dataclass
@@ -172,7 +175,7 @@ SPECS: dict[str, ExperimentSpec] = {
             # width and 60 epochs it is spread over conv2-conv5 (docs/reproducing.md, bench/e2_rewind_sweep.py)
             "small": dict(dataset="fashion-mnist", n_train=5000, n_test=5000, model="alexnet", width_factor=0.125,
                           image_size=32, epochs=150, batch_size=128, lr=1e-3, keep_every=5, capture_classes=10,
-                          capture_per_class=10),
+                          capture_per_class=10, analysis_seeds=5),
             "paper": dict(dataset="cifar100", model="vgg16", epochs=1000, keep_every=50, capture_classes=100,
                           capture_per_class=50, split_every=10),
         },

@@ -42,14 +42,14 @@ def effects_table(summary: dict) -> str:
 
 
 def build_report(outdir: str | Path, *, resummarize: bool = False, umap: bool = True, mftma: bool = True,
-                 quiet: bool = False) -> Path:
+                 quiet: bool = False, analysis_seeds: int | None = None) -> Path:
     """Write DIR/report/report.md and its PNGs; returns the report's path."""
     from . import figures as F
 
     out = Path(outdir)
     summary_path = out / effects.SUMMARY_FILE
     if resummarize or not summary_path.is_file():
-        summary = effects.summarize(out, mftma=mftma)
+        summary = effects.summarize(out, mftma=mftma, analysis_seeds=analysis_seeds)
     else:
         summary = json.loads(summary_path.read_text())
     rdir = out / REPORT_DIR
