@@ -238,7 +238,7 @@ def test_e2_small_preset_rewinding_a_last_layer_recovers_test_accuracy(tmp_path)
     docs/reproducing.md; asserted with a margin for the smaller test set)."""
     _needs_fashion_mnist()
     s = _run(tmp_path, "label-noise-geometry", "small", ["n_test=2000", "keep_every=10", "split_every=0",
-                                                          "capture_per_class=5"])
+                                                          "capture_per_class=10", "analysis_seeds=1"])
     m = _eff(s, "rewinding_last_layers_recovers_test_accuracy")
     assert m["layers_considered"] == ["conv4", "conv5", "out"]
     assert m["drop"] >= 0.1
@@ -341,3 +341,32 @@ def test_report_analysis_seeds_needs_resummarize_and_a_positive_count(runs, caps
     assert "--analysis-seeds changes the summary: give --resummarize too" in capsys.readouterr().err
     assert main(["report", d, "--resummarize", "--analysis-seeds", "0"]) == 2
     assert "--analysis-seeds must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_e2_analysis_per_class_draws_that_many_captured_points_per_seed(tmp_path):
+    sets = FAST["label-noise-geometry"] + ["capture_per_class=6", "analysis_per_class=3", "analysis_seeds=2"]
+    o = options_for("label-noise-geometry", "tiny", sets=sets, device="cpu", progress="off")
+    d = tmp_path / "r"
+    run_experiment("label-noise-geometry", o, d, preset="tiny", summarize=False)
+    s = effects.summarize(d, n_reps=1, n_t=20, write=False)
+    assert s["data"]["M"] == 3 and s["data"]["capacity_lower_bound"] == pytest.approx(2 / 3)
+    seeds = s["data"]["analysis_seeds"]
+    per_seed = [json.loads((d / "analysis" / sub / "metrics.json").read_text()) for sub in ["", f"seed-{seeds[1]}"]]
+    assert [p["options"]["per_class"] for p in per_seed] == [3, 3]
+    # each seed drew its own 3 of the 6 captured points per class: the capacities differ between seeds
+    caps = [{(r["file"], r["subset"], r["layer"]): r["value"] for r in p["rows"]
+             if r["metric"] == "capacity" and r["class"] == ""} for p in per_seed]
+    assert caps[0].keys() == caps[1].keys() and caps[0] != caps[1]
+    for p in per_seed:  # every (layer, subset) analysis subsampled its manifolds to 3 points
+        sub = [n for n in p["notes"] if "subsampled to 3 examples (per_class)" in n]
+        assert len(sub) == len({(r["file"], r["layer"], r["subset"]) for r in p["rows"] if r["metric"] == "capacity"})
+
+
+@pytest.mark.parametrize("value", ["7", "-1"])
+def test_e2_analysis_per_class_outside_the_capture_is_refused_before_training(tmp_path, value):
+    sets = FAST["label-noise-geometry"] + ["capture_per_class=6", f"analysis_per_class={value}"]
+    o = options_for("label-noise-geometry", "tiny", sets=sets, device="cpu", progress="off")
+    with pytest.raises(InputError, match=rf"analysis_per_class must be an integer in 0..capture_per_class \(6\) "
+                                         rf"\(0: all captured examples\), got {value}"):
+        run_experiment("label-noise-geometry", o, tmp_path / "r", preset="tiny", summarize=False)
+    assert not (tmp_path / "r" / "train").exists()

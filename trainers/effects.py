@@ -307,15 +307,15 @@ def e2_analysis_seeds(seed: int, n: int) -> list[int]:
 
 
 def _e2_rows(out: Path, files: list[Path], *, mftma: bool, recompute: bool, n_reps: int, n_t: int,
-             seeds: list[int]) -> list[list[dict]]:
+             seeds: list[int], per_class: int) -> list[list[dict]]:
     """MFTMA rows of the activation files, one list per analysis seed (the first in out/analysis, the
     others in out/analysis/seed-S); each is reused while its files and options are unchanged."""
     return [_e2_rows_one(out / "analysis" / (f"seed-{s}" if k else ""), files, mftma=mftma, recompute=recompute,
-                         n_reps=n_reps, n_t=n_t, seed=s) for k, s in enumerate(seeds)]
+                         n_reps=n_reps, n_t=n_t, seed=s, per_class=per_class) for k, s in enumerate(seeds)]
 
 
 def _e2_rows_one(adir: Path, files: list[Path], *, mftma: bool, recompute: bool, n_reps: int, n_t: int,
-                 seed: int) -> list[dict]:
+                 seed: int, per_class: int) -> list[dict]:
     from geomprobe.analysis import AnalyzeOptions, analyze
 
     want = sorted(str(p) for p in files)
@@ -325,11 +325,12 @@ def _e2_rows_one(adir: Path, files: list[Path], *, mftma: bool, recompute: bool,
             prev = json.loads(cached.read_text())
             po = prev["options"]
             if (sorted(prev.get("files", [])) == want and bool(po.get("mftma")) >= mftma
-                    and (po.get("seed"), po.get("n_reps"), po.get("n_t")) == (seed, n_reps, n_t)):
+                    and (po.get("seed"), po.get("n_reps"), po.get("n_t"), po.get("per_class"))
+                    == (seed, n_reps, n_t, per_class)):
                 return prev["rows"]
         except (json.JSONDecodeError, KeyError):
             pass
-    opts = AnalyzeOptions(seed=seed, mftma=mftma, n_reps=n_reps, n_t=n_t)
+    opts = AnalyzeOptions(seed=seed, mftma=mftma, n_reps=n_reps, n_t=n_t, per_class=per_class)
     rep = analyze(want, opts, outdir=adir, force=True)
     if rep.errors:
         raise InputError(f"analysis in {adir} failed for {len(rep.errors)} task(s), first: {rep.errors[0]}")
@@ -393,7 +394,11 @@ def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: boo
     if files:
         with open_activations(files[0][1]) as f:
             layers = list(f.layers)
-    M = int(o.get("capture_per_class", 50))
+    per_class = o.get("analysis_per_class", 0)  # 0 (or a run from before the option): every captured example
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 0:
+        raise InputError(f"{out}/experiment.json: options.analysis_per_class must be an integer >= 0, "
+                         f"got {per_class!r}")
+    M = per_class or int(o.get("capture_per_class", 50))
     bound = 2.0 / M
     epochs = [r for r in _read_jsonl(out / "train" / "metrics.jsonl") if r.get("kind") == "epoch"]
     data: dict[str, Any] = {"layers": layers, "M": M, "capacity_lower_bound": bound,
@@ -410,7 +415,7 @@ def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: boo
         raise InputError(f"{where} must be an integer >= 1, got {n_seeds!r}")
     seeds = e2_analysis_seeds(seed, n_seeds)
     table = _e2_table(_e2_rows(out, [p for _, p, _ in files], mftma=mftma, recompute=recompute, n_reps=n_reps,
-                               n_t=n_t, seeds=seeds), files) if files else {}
+                               n_t=n_t, seeds=seeds, per_class=M), files) if files else {}
     data["metrics"] = table
     data["analysis_seeds"] = seeds
 

@@ -81,8 +81,8 @@ def _load_epoch(model, out: Path, which) -> int:
 
 
 # options that do not define a run: device and progress may change when it is resumed, and
-# analysis_seeds only shapes the summary
-_NOT_DEFINING = ("device", "progress", "analysis_seeds")
+# analysis_seeds / analysis_per_class only shape the summary
+_NOT_DEFINING = ("device", "progress", "analysis_seeds", "analysis_per_class")
 
 
 def _run_options(o: Any) -> dict:
@@ -185,6 +185,10 @@ def _e2_model(o: LabelNoiseGeometryOptions, ds: D.Dataset):
 def run_label_noise_geometry(o: LabelNoiseGeometryOptions, out: Path, force: bool) -> dict:
     if isinstance(o.analysis_seeds, bool) or not isinstance(o.analysis_seeds, int) or o.analysis_seeds < 1:
         raise InputError(f"analysis_seeds must be an integer >= 1, got {o.analysis_seeds!r}")
+    if isinstance(o.analysis_per_class, bool) or not isinstance(o.analysis_per_class, int) \
+            or not 0 <= o.analysis_per_class <= o.capture_per_class:
+        raise InputError(f"analysis_per_class must be an integer in 0..capture_per_class ({o.capture_per_class}) "
+                         f"(0: all captured examples), got {o.analysis_per_class!r}")
     ds = _e2_data(o)
     noise_path = out / "label_noise.npz"
     noise = permute_labels(ds.y_train, o.eps, o.seed)
