@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from geomprobe._validation import InputError
+from geomprobe._validation import InputError, check_positive_int
 from geomprobe.io import atomic_write_text, open_activations
 
 __all__ = ["summarize", "load_summary", "EFFECT_NAMES", "CRITERIA", "SUMMARY_FILE"]
@@ -394,10 +394,9 @@ def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: boo
     if files:
         with open_activations(files[0][1]) as f:
             layers = list(f.layers)
-    per_class = o.get("analysis_per_class", 0)  # 0 (or a run from before the option): every captured example
-    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 0:
-        raise InputError(f"{out}/experiment.json: options.analysis_per_class must be an integer >= 0, "
-                         f"got {per_class!r}")
+    # 0 (or a run from before the option): every captured example
+    per_class = check_positive_int(o.get("analysis_per_class", 0), f"{out}/experiment.json: options.analysis_per_class",
+                                   minimum=0)
     M = per_class or int(o.get("capture_per_class", 50))
     bound = 2.0 / M
     epochs = [r for r in _read_jsonl(out / "train" / "metrics.jsonl") if r.get("kind") == "epoch"]
@@ -408,11 +407,10 @@ def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: boo
                                                               "permuted_acc", "restored_acc")} for e in epochs]}
     eff: list[dict] = []
     tags = {t for t, _, _ in files}
-    # runs from before the option: one seed, as they were summarised
-    n_seeds = analysis_seeds if analysis_seeds is not None else o.get("analysis_seeds", 1)
-    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
-        where = "analysis_seeds" if analysis_seeds is not None else f"{out}/experiment.json: options.analysis_seeds"
-        raise InputError(f"{where} must be an integer >= 1, got {n_seeds!r}")
+    if analysis_seeds is None:  # runs from before the option: one seed, as they were summarised
+        n_seeds = check_positive_int(o.get("analysis_seeds", 1), f"{out}/experiment.json: options.analysis_seeds")
+    else:
+        n_seeds = check_positive_int(analysis_seeds, "analysis_seeds")
     seeds = e2_analysis_seeds(seed, n_seeds)
     table = _e2_table(_e2_rows(out, [p for _, p, _ in files], mftma=mftma, recompute=recompute, n_reps=n_reps,
                                n_t=n_t, seeds=seeds, per_class=M), files) if files else {}
@@ -526,10 +524,6 @@ _FCN = re.compile(r"^fcn-(?P<act>[a-z]+)-h(?P<h>\d+)(?:-w(?P<w>\d+))?$")
 _CONV = re.compile(r"^conv-d(?P<d>\d+)-c(?P<c>\d+)$")
 
 
-def _g(v) -> str:
-    return "no loss logged" if v is None else f"{v:.3g}"
-
-
 def _e3(out: Path, exp: dict, missing: list[str]):
     from geomprobe.probes import probe_correlations
 
@@ -562,7 +556,7 @@ def _e3(out: Path, exp: dict, missing: list[str]):
         models.append({"run": r["run"], "family": family, "depth": depth, "rho": pc.rho,
                        "relative_train_loss": rel,
                        "identity": pc.identity_mean, "constant": pc.constant_mean,
-                       "final_train_loss": r.get("final_train_loss"), "steps": r.get("steps"),
+                       "final_train_loss": loss, "steps": r.get("steps"),
                        "eq1_max_abs_diff": r.get("eq1_max_abs_diff"),
                        "constant_minus_identity": float(np.nanmean(pc.constant_mean[lo] - pc.identity_mean[lo]))
                        if lo.any() else float("nan"),
@@ -575,8 +569,10 @@ def _e3(out: Path, exp: dict, missing: list[str]):
     unfit = [m for m in models if "family" in m and not (m["relative_train_loss"] is not None
                                                          and m["relative_train_loss"] <= CRITERIA["e3_fit"])]
     if unfit:
+        rels = [m["relative_train_loss"] for m in unfit]
+        shown = [f"{m['run']} ({'no loss logged' if v is None else format(v, '.3g')})" for m, v in zip(unfit, rels)]
         missing.append(f"not fitted (final loss > {CRITERIA['e3_fit']:g} x the zero map's 0.5 ||x||^2), left out of "
-                       "the effects: " + ", ".join(f"{m['run']} ({_g(m['relative_train_loss'])})" for m in unfit))
+                       "the effects: " + ", ".join(shown))
     ok_models = [m for m in models if "family" in m and m not in unfit]
     data = {"models": models}
     fam: dict[str, list] = {}

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from geomprobe._validation import InputError
+from geomprobe._validation import InputError, check_positive_int
 from geomprobe.io import atomic_write_text
 
 from . import data as D
@@ -183,8 +183,7 @@ def _e2_model(o: LabelNoiseGeometryOptions, ds: D.Dataset):
 
 
 def run_label_noise_geometry(o: LabelNoiseGeometryOptions, out: Path, force: bool) -> dict:
-    if isinstance(o.analysis_seeds, bool) or not isinstance(o.analysis_seeds, int) or o.analysis_seeds < 1:
-        raise InputError(f"analysis_seeds must be an integer >= 1, got {o.analysis_seeds!r}")
+    check_positive_int(o.analysis_seeds, "analysis_seeds")  # a summary option, checked before any training
     if isinstance(o.analysis_per_class, bool) or not isinstance(o.analysis_per_class, int) \
             or not 0 <= o.analysis_per_class <= o.capture_per_class:
         raise InputError(f"analysis_per_class must be an integer in 0..capture_per_class ({o.capture_per_class}) "
