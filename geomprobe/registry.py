@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["MetricInfo", "METRICS"]
+__all__ = ["MetricInfo", "METRICS", "register"]
 
 
 @dataclass(frozen=True)
@@ -63,3 +63,27 @@ METRICS: dict[str, MetricInfo] = {
     "collapse_error_baseline": _m("the averaging classifier on the raw inputs", better="lower"),
     "collapse_chance": _m("chance error 1 - 1/K of the collapse classifier"),
 }
+
+
+def register(family: dict[str, MetricInfo]) -> dict[str, MetricInfo]:
+    """Add a measure family's rows to METRICS. A module that emits rows declares them next to the
+    code that emits them (``METRICS = register({...})``); a name declared twice is an error."""
+    clash = sorted(set(family) & set(METRICS))
+    if clash:
+        raise ValueError(f"metric name(s) declared twice: {', '.join(clash)}")
+    METRICS.update(family)
+    return family
+
+
+# Families that declare their own rows (each module calls register at import).
+_FAMILIES: tuple[str, ...] = ()
+
+
+def _load_families() -> None:
+    import importlib
+
+    for name in _FAMILIES:
+        importlib.import_module(f"geomprobe.{name}")
+
+
+_load_families()
