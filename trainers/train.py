@@ -236,6 +236,7 @@ def train(
     on_epoch: Callable[[int, nn.Module, dict], None] | None = None,
     run_info: Mapping[str, Any] | None = None,
     if_done: str = "raise",
+    scores: Any = None,
 ) -> TrainResult:
     """Train ``model`` in place; see the module docstring. ``y`` are class indices (or targets for 'mse').
 
@@ -243,7 +244,9 @@ def train(
     ``on_step(step, model)`` runs after every optimizer step, ``on_epoch(epoch, model, record)`` after
     every evaluated epoch (including epoch 0 = init). ``run_info`` is stored with the config.
     ``if_done='return'`` returns the stored result of a finished run in ``out`` (same config) instead of
-    refusing; the model is loaded with its final weights.
+    refusing; the model is loaded with its final weights. ``scores``: a
+    :class:`geomprobe.trainers.scores.ScoreRecorder` (per-example forgetting, EL2N, AUM, gradient norms;
+    written to ``out/scores.csv`` when training ends; classification losses only).
     """
     check_choice(if_done, "if_done", ("raise", "return"))
     device = resolve_device(cfg.device)
@@ -309,6 +312,8 @@ def train(
             start_epoch, step = int(ck["epoch"]) + 1, int(ck["step"])
             best_epoch, best_acc = int(ck["best_epoch"]), float(ck["best_acc"])
             resumed = int(ck["epoch"])
+            if scores is not None:
+                scores.resume(out_path, resumed)
             _truncate_log(log_path, resumed)
         else:
             if log_path.exists():
@@ -401,6 +406,8 @@ def train(
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(f"training diverged: loss is {float(loss.detach())} at step {step} (epoch {epoch}); "
                                          f"lower lr (now {lr})")
+                    if scores is not None and not regression:
+                        scores.on_batch(epoch, idx, z, yb)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.align_every and step % cfg.align_every == 0:
@@ -422,6 +429,8 @@ def train(
                 for rec in aligns:
                     _append(log_path, rec)
                 log_epoch(epoch, {"time": time.perf_counter() - t0, "batch_loss": run_loss / max(seen, 1)})
+                if scores is not None:
+                    scores.end_epoch(epoch, out_path)
                 done_now = bool(_should_stop(cfg, history, step)) or epoch == cfg.epochs
                 state["done"] = done_now
                 if out_path:
@@ -434,6 +443,8 @@ def train(
             if out_path and not state["done"]:  # loop ended without a final mark (stopped early at resume)
                 state["done"] = True
                 save_checkpoint(last, _state(history[-1]["epoch"]))
+            if scores is not None and not regression:
+                scores.finish(model, X, Y, out_path, loss=cfg.loss, device=device)
     finally:
         torch.use_deterministic_algorithms(prev_det)
     final_epoch = history[-1]["epoch"]

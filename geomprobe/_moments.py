@@ -1,0 +1,65 @@
+"""Streaming first and second moments shared by the companion measures (spectral, collapse, linear
+probe, similarity). Arrays in, arrays out; no validation (callers validate once at the boundary).
+
+Products are taken chunk by chunk in the input's dtype (so float32 layers use float32 BLAS, like one
+``X.T @ X``) and accumulated in float64; centring is done per chunk, so no centred copy of the whole
+layer is made.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+CHUNK_ROWS = 8192
+
+
+def column_mean(X: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+    """Column means in float64 (accumulated per chunk)."""
+    n, d = X.shape
+    s = np.zeros(d)
+    for a in range(0, n, chunk_rows):
+        s += X[a:a + chunk_rows].sum(axis=0, dtype=np.float64)
+    return s / n
+
+
+def centered_scatter(X: np.ndarray, mean: np.ndarray | None = None, *, chunk_rows: int = CHUNK_ROWS,
+                     row_sq: bool = False):
+    """S = sum_i (x_i - mu)(x_i - mu)^T (d x d, float64) without a centred copy of X.
+
+    With ``row_sq`` also returns ||x_i - mu||^2 for every row (float64)."""
+    n, d = X.shape
+    mu = column_mean(X, chunk_rows) if mean is None else mean
+    mu_c = mu.astype(X.dtype)
+    S = np.zeros((d, d))
+    sq = np.empty(n) if row_sq else None
+    for a in range(0, n, chunk_rows):
+        c = X[a:a + chunk_rows] - mu_c
+        S += c.T @ c  # syrk in X's dtype
+        if row_sq:
+            sq[a:a + c.shape[0]] = np.einsum("ij,ij->i", c, c, dtype=np.float64)
+    S = 0.5 * (S + S.T)
+    return (S, sq) if row_sq else S
+
+
+def centered_cross(X: np.ndarray, Y: np.ndarray, mx: np.ndarray, my: np.ndarray, *,
+                   chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+    """sum_i (x_i - mx)(y_i - my)^T (dx x dy, float64), chunk by chunk."""
+    n = X.shape[0]
+    dt = np.result_type(X.dtype, Y.dtype)
+    M = np.zeros((X.shape[1], Y.shape[1]))
+    mxc, myc = mx.astype(dt), my.astype(dt)
+    for a in range(0, n, chunk_rows):
+        M += (X[a:a + chunk_rows].astype(dt, copy=False) - mxc).T @ (Y[a:a + chunk_rows].astype(dt, copy=False) - myc)
+    return M
+
+
+def class_means(X: np.ndarray, codes: np.ndarray, K: int, chunk_rows: int = CHUNK_ROWS):
+    """(K x d float64 class means, K int64 counts) for codes 0..K-1 (every class non-empty)."""
+    n, d = X.shape
+    S = np.zeros((K, d))
+    for a in range(0, n, chunk_rows):
+        block, cb = X[a:a + chunk_rows], codes[a:a + chunk_rows]
+        onehot = np.zeros((K, block.shape[0]), dtype=block.dtype)
+        onehot[cb, np.arange(block.shape[0])] = 1.0
+        S += onehot @ block  # per-chunk sums in X's dtype (BLAS), accumulated in float64
+    counts = np.bincount(codes, minlength=K).astype(np.int64)
+    return S / counts[:, None], counts
