@@ -31,8 +31,16 @@ import numpy as np
 
 from ._validation import AnalysisError, InputError, check_positive_int
 from .alignment import AlignmentAccumulator
-from .analysis import AnalyzeOptions, Task, TaskResult, _row, alignment_rows_from_stats, analyze, run_task
-from .io import open_activations
+from .analysis import (
+    AnalyzeOptions,
+    Task,
+    TaskResult,
+    _row,
+    alignment_rows_from_stats,
+    analyze,
+    run_task,
+    shared_file,
+)
 
 __all__ = [
     "add_cli_options",
@@ -308,32 +316,33 @@ def run_task_streamed(task: Task, options: AnalyzeOptions, batch_rows: int = DEF
     if task.kind == "probe" or not options.alignment:
         return run_task(task, options)
     res = TaskResult(task)
-    with open_activations(task.file) as f:
-        sub = f.subsets()[task.subset]
-        key = f"act/{task.layer}" if task.kind == "act" else f"grad/{task.layer}"
-        if key not in f.keys():
-            raise InputError(f"{task.file}: no key '{key}'")
-        acc = AlignmentAccumulator()
-        n_bad, first_bad, n_ok = 0, None, 0
-        for pos, block in f.iter_rows(key, sub.rows, batch_rows=bs):
-            labels = sub.labels[pos]
-            if block.dtype.kind == "f":
-                finite = np.isfinite(block).all(axis=1)
-                if not finite.all():
-                    bad = pos[~finite]
-                    n_bad += bad.size
-                    first_bad = int(bad.min()) if first_bad is None else min(first_bad, int(bad.min()))
-                    block, labels = block[finite], labels[finite]
-            if block.shape[0] and not (n_bad and not options.drop_nonfinite):
-                acc.update(block, labels)
-            n_ok += block.shape[0]
+    f = shared_file(task.file)
+    # the file stays open for the other tasks of this process (analysis.shared_file)
+    sub = f.subsets()[task.subset]
+    key = f"act/{task.layer}" if task.kind == "act" else f"grad/{task.layer}"
+    if key not in f.keys():
+        raise InputError(f"{task.file}: no key '{key}'")
+    acc = AlignmentAccumulator()
+    n_bad, first_bad, n_ok = 0, None, 0
+    for pos, block in f.iter_rows(key, sub.rows, batch_rows=bs):
+        labels = sub.labels[pos]
+        if block.dtype.kind == "f":
+            finite = np.isfinite(block).all(axis=1)
+            if not finite.all():
+                bad = pos[~finite]
+                n_bad += bad.size
+                first_bad = int(bad.min()) if first_bad is None else min(first_bad, int(bad.min()))
+                block, labels = block[finite], labels[finite]
+        if block.shape[0] and not (n_bad and not options.drop_nonfinite):
+            acc.update(block, labels)
+        n_ok += block.shape[0]
     if n_bad:
         if not options.drop_nonfinite:  # the message run_task gives (analysis._finite_rows)
             raise InputError(
                 f"{task.file}: layer '{task.layer}' subset {task.subset}: {n_bad} row(s) hold NaN or Inf; "
                 f"first at subset row {first_bad} (use --drop-nonfinite to exclude them)"
             )
-        res.notes.append(f"{task.layer} [{task.subset}]: dropped {n_bad} row(s) holding NaN or Inf")
+        res.note("nonfinite_dropped", f"dropped {n_bad} row(s) holding NaN or Inf")
         res.rows.append(_row(task, "n_dropped_nonfinite", None, n_bad))
     if n_ok == 0:
         raise InputError(f"{task.file}: layer '{task.layer}' subset {task.subset}: no examples left")
@@ -343,7 +352,7 @@ def run_task_streamed(task: Task, options: AnalyzeOptions, batch_rows: int = DEF
         rest = run_task(task, replace(options, alignment=False))  # loads the subset: not streamed
         lead = {"n_examples", "n_dropped_nonfinite"}
         res.rows.extend(r for r in rest.rows if not (r["metric"] in lead and r["class"] == ""))
-        res.notes.extend(n for n in rest.notes if "holding NaN or Inf" not in n)
+        res.notes.extend(n for n in rest.notes if n.code != "nonfinite_dropped")
     return res
 
 

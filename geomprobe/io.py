@@ -6,15 +6,25 @@ bad file is refused before heavy work. Layers are loaded lazily, one at a time.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import stat
 import tempfile
+import threading
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: O_EXCL lock files with a pid check instead
+    fcntl = None
 
 import numpy as np
 
@@ -30,6 +40,12 @@ __all__ = [
     "save_activations",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_name",
+    "available_memory",
+    "current_umask",
+    "LOCK_NAME",
+    "lock_directory",
+    "lock_holder",
 ]
 
 FORMAT_NAME = "geomprobe-activations"
@@ -58,62 +74,232 @@ def _read_npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
     return np.lib.format._read_array_header(fh, version)  # noqa: SLF001
 
 
-def _header(zf: zipfile.ZipFile, member: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """Read a .npy member's shape and dtype without loading its data."""
+# -- limits checked before any data is read (docs/reliability.md) ----------------------------------
+#: zip compression methods numpy writes (savez: stored, savez_compressed: deflated); others are refused
+_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
+#: a deflated member larger than this (uncompressed) may not expand more than MAX_COMPRESSION_RATIO times
+RATIO_CHECK_BYTES = 256 * 2**20
+MAX_COMPRESSION_RATIO = 200
+#: the 'meta' JSON: at most this many bytes and this nesting depth
+MAX_META_BYTES = 4 * 2**20
+MAX_META_DEPTH = 64
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process (Linux MemAvailable, else free pages), or None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(nbytes: int, what: str) -> None:
+    """InputError when loading ``nbytes`` would exceed the memory available now."""
+    avail = available_memory()
+    if avail is not None and nbytes > avail:
+        raise InputError(
+            f"{what} needs {_gib(nbytes)} of memory but only {_gib(avail)} is available; analyse it on a "
+            "larger machine or stream it (--stream-batch-rows, docs/scaling.md)"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
+
+
+def _json_depth(text: str) -> int:
+    """Maximum nesting depth of [ and { in a JSON text (strings skipped); no recursion."""
+    depth = best = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            best = max(best, depth)
+        elif ch in "]}":
+            depth -= 1
+    return best
+
+
+def check_name(name: str, what: str) -> str:
+    """A layer or tensor name as the format allows it: non-empty, no '/', not starting with '.',
+    no control characters (so 'act/../../x', 'act/a/b', 'act/' and 'act/.' are refused)."""
+    if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith(".")
+            or any(ord(c) < 32 for c in name)):
+        raise InputError(
+            f"{what} name must be non-empty, without '/' or '\\', not starting with '.' and without control "
+            f"characters, got {name!r}"
+        )
+    return name
+
+
+def _check_regular_file(p: Path) -> None:
+    """Refuse what is not a regular file before opening it (a FIFO would block, /dev/zero never ends)."""
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except OSError as exc:
+        raise InputError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{p}: is a directory, expected an activations .npz file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a character device"
+                if stat.S_ISCHR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise InputError(f"{p}: is {kind}; geomprobe reads regular .npz files only (copy the data to a file)")
+    if not os.access(p, os.R_OK):
+        raise InputError(f"{p}: permission denied (not readable)")
+
+
+def _check_member(info: zipfile.ZipInfo, path: Path) -> None:
+    """Zip-level rules of one member: a method numpy writes, not encrypted, a bounded expansion."""
+    name = info.filename
+    if info.compress_type not in _METHODS:
+        raise InputError(
+            f"{path}: member '{name}' uses zip compression method {info.compress_type}; geomprobe reads "
+            "stored or deflated members (as numpy.savez / numpy.savez_compressed write them): re-save the "
+            "arrays with numpy.savez"
+        )
+    if info.flag_bits & 0x1:
+        raise InputError(f"{path}: member '{name}' is encrypted; save the arrays unencrypted (numpy.savez)")
+    if (info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > RATIO_CHECK_BYTES
+            and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1)):
+        raise InputError(
+            f"{path}: member '{name}' expands {info.compress_size} compressed bytes to {info.file_size} "
+            f"(ratio {info.file_size / max(info.compress_size, 1):.0f} > {MAX_COMPRESSION_RATIO}, a zip bomb "
+            "or a constant array); save such arrays uncompressed (numpy.savez)"
+        )
+
+
+def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Read a .npy member's shape and dtype without loading its data, and check that the data its
+    header declares is really stored (a header claiming 10^12 rows in a small member is refused)."""
+    member = info.filename
     key = member[:-4]
     try:
-        with zf.open(member) as fh:
+        with zf.open(info) as fh:
             shape, _, dtype = _read_npy_header(fh)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+            header_len = fh.tell()
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error, SyntaxError, TypeError,
+            NotImplementedError, RuntimeError) as exc:
         raise InputError(f"{path}: key '{key}' is not a readable .npy array ({exc})") from None
-    return tuple(int(s) for s in shape), np.dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    dtype = np.dtype(dtype)
+    if any(s < 0 for s in shape):
+        raise InputError(f"{path}: key '{key}' declares a negative dimension: shape {describe_shape(shape)}")
+    if not dtype.hasobject:
+        declared = math.prod(shape) * dtype.itemsize
+        stored = info.file_size - header_len
+        if declared > stored:
+            raise InputError(
+                f"{path}: key '{key}' declares shape {describe_shape(shape)} of {dtype} ({declared} bytes) but "
+                f"its zip member holds only {max(stored, 0)} data bytes; the file is corrupt or crafted"
+            )
+    return shape, dtype
+
+
+def _native(arr: np.ndarray) -> np.ndarray:
+    """The array in native byte order (big-endian files are accepted and converted)."""
+    if arr.dtype.byteorder not in ("=", "|") and not arr.dtype.isnative:
+        return arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" and dtype.itemsize in (2, 4, 8)
+
+
+def _float_rule(key: str, dtype: np.dtype) -> str:
+    return (f"'{key}' must be float16, float32 or float64 (either byte order), got {dtype}; convert it with "
+            "arr.astype(numpy.float32)")
 
 
 class ActivationFile:
     """A validated, lazily read activations file. Use :func:`open_activations`.
 
     Attributes: ``path``, ``labels`` (int64, n), ``layers`` (ordered layer names), ``meta`` (dict),
-    ``train_labels``, ``permuted``, ``split`` (None when absent), ``grad_tensors`` ({layer: [tensor]}).
+    ``train_labels``, ``permuted``, ``split`` (None when absent), ``grad_tensors`` ({layer: [tensor]}),
+    ``label_names`` (the class names when the file's labels are strings, code i = label_names[i];
+    else None), ``identity`` (size, mtime and the zip CRCs: what resume keys are made of).
     """
 
     def __init__(self, path: str | os.PathLike, *, scan_values: bool = False):
         self.path = Path(path)
         p = self.path
-        if not p.exists():
-            raise InputError(f"{p}: no such file")
-        if p.is_dir():
-            raise InputError(f"{p}: is a directory, expected an activations .npz file")
-        if not zipfile.is_zipfile(p):
-            raise InputError(
-                f"{p}: not a zip archive (.npz); geomprobe reads .npz files written by numpy.savez "
-                "or geomprobe.io.save_activations (pickles are never loaded)"
-            )
+        _check_regular_file(p)
         try:
+            st = os.stat(p)
             zf = zipfile.ZipFile(p)
-            members = zf.namelist()
-        except (zipfile.BadZipFile, OSError) as exc:
+            infos = zf.infolist()
+        except zipfile.BadZipFile:
+            raise InputError(
+                f"{p}: not a zip archive (.npz) or a corrupt one; geomprobe reads .npz files written by "
+                "numpy.savez or geomprobe.io.save_activations (pickles are never loaded)"
+            ) from None
+        except (OSError, EOFError, ValueError, OverflowError) as exc:
             raise InputError(f"{p}: corrupt or truncated zip archive ({exc})") from None
         self._zip = zf
+        try:
+            self._read_headers(zf, infos, st)
+            self._validate_structure()
+            if scan_values:
+                self.scan_values()
+        except BaseException:
+            zf.close()
+            raise
+
+    def _read_headers(self, zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], st: os.stat_result) -> None:
+        p = self.path
         self._headers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        self._crc: dict[str, tuple[int, int]] = {}
         order: list[str] = []
-        for m in members:
+        for info in infos:
+            m = info.filename
             if m.endswith("/"):
                 continue
             if not m.endswith(".npy"):
                 raise InputError(f"{p}: member '{m}' is not a .npy array; not an activations file")
-            shape, dtype = _header(zf, m, p)
             key = m[:-4]
+            if key in self._headers:
+                raise InputError(f"{p}: member '{m}' appears more than once; a valid .npz holds each key once")
+            _check_member(info, p)
+            shape, dtype = _header(zf, info, p)
             if dtype.hasobject:
                 raise InputError(
                     f"{p}: key '{key}' holds Python objects (dtype {dtype}); geomprobe never unpickles "
                     "data (allow_pickle=False): save numeric arrays"
                 )
             self._headers[key] = (shape, dtype)
+            self._crc[key] = (info.CRC, info.file_size)
             order.append(key)
         self._order = order
-        self._validate_structure()
-        if scan_values:
-            self.scan_values()
+        self._stat = (int(st.st_size), int(st.st_mtime_ns))
+
+    def identity(self, keys=None) -> dict[str, Any]:
+        """What identifies the data of ``keys`` (default: all): the file's size and mtime and a hash of
+        those members' names, zip CRC-32s and sizes (the CRCs cover every stored byte)."""
+        keys = self._order if keys is None else [k for k in keys if k in self._crc]
+        h = hashlib.sha256()
+        for k in sorted(keys):
+            crc, size = self._crc[k]
+            h.update(f"{k}\0{crc:08x}\0{size}\n".encode())
+        return {"size": self._stat[0], "mtime_ns": self._stat[1], "content": h.hexdigest()[:32]}
 
     # -- structure -----------------------------------------------------------------------------
     def _validate_structure(self) -> None:
@@ -125,14 +311,32 @@ class ActivationFile:
                 f"{p}: unknown key(s) {', '.join(map(repr, unknown[:5]))}; allowed: labels, train_labels, "
                 "permuted, split, meta, act/<layer>, grad/<layer>/<tensor>, probe/..."
             )
+        for k in self._order:  # format rules on names: act/<layer>, grad/<layer>/<tensor>, probe/<a>/<b>...
+            if k.startswith("act/"):
+                check_name(k[4:], f"{p}: key '{k}': layer")
+            elif k.startswith(("grad/", "probe/")):
+                for part in k.split("/")[1:]:
+                    check_name(part, f"{p}: key '{k}': each part of the")
         self.meta: dict[str, Any] = {}
         if "meta" in h:
+            mshape, mdtype = h["meta"]
+            if mdtype.kind not in "US" or mshape != ():
+                raise InputError(
+                    f"{p}: key 'meta' must be a 0-d JSON string, got dtype {mdtype} shape {describe_shape(mshape)}"
+                )
+            if mdtype.itemsize > MAX_META_BYTES:
+                raise InputError(f"{p}: key 'meta' holds {mdtype.itemsize} bytes; the limit is {MAX_META_BYTES}")
             raw = self.array("meta")
-            if raw.dtype.kind not in "US" or raw.ndim != 0:
-                raise InputError(f"{p}: key 'meta' must be a 0-d JSON string, got dtype {raw.dtype} shape {raw.shape}")
             try:
-                meta = json.loads(str(raw.item() if raw.dtype.kind == "U" else raw.item().decode()))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                text = str(raw.item() if raw.dtype.kind == "U" else raw.item().decode())
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{p}: key 'meta' is not valid UTF-8 ({exc})") from None
+            depth = _json_depth(text)
+            if depth > MAX_META_DEPTH:
+                raise InputError(f"{p}: key 'meta' is nested {depth} levels deep; the limit is {MAX_META_DEPTH}")
+            try:
+                meta = json.loads(text)
+            except (json.JSONDecodeError, RecursionError, ValueError) as exc:
                 raise InputError(f"{p}: key 'meta' is not valid JSON ({exc})") from None
             if not isinstance(meta, dict):
                 raise InputError(f"{p}: key 'meta' must be a JSON object, got {type(meta).__name__}")
@@ -150,8 +354,11 @@ class ActivationFile:
         lshape, ldtype = h["labels"]
         if len(lshape) != 1:
             raise InputError(f"{p}: 'labels' must be 1-D (n,), got shape {describe_shape(lshape)}")
-        if ldtype.kind not in "iub":
-            raise InputError(f"{p}: 'labels' must be integers, got dtype {ldtype}")
+        if ldtype.kind not in "iubUS":
+            raise InputError(
+                f"{p}: 'labels' must be integers, got dtype {ldtype} (class-name strings are also accepted and "
+                "encoded); convert float class ids with labels.astype(numpy.int64)"
+            )
         n = lshape[0]
         if n == 0:
             raise InputError(f"{p}: 'labels' is empty (0 examples)")
@@ -168,8 +375,8 @@ class ActivationFile:
                 raise InputError(f"{p}: '{key}' has {shape[0]} rows but 'labels' has {n} entries")
             if int(np.prod(shape[1:])) == 0:
                 raise InputError(f"{p}: '{key}' is empty: shape {describe_shape(shape)} has 0 features")
-            if dtype not in (np.float16, np.float32, np.float64):
-                raise InputError(f"{p}: '{key}' must be float16, float32 or float64, got {dtype}")
+            if not _is_float(dtype):
+                raise InputError(f"{p}: {_float_rule(key, dtype)}")
         self.grad_tensors: dict[str, list[str]] = {}
         for k in self._order:
             if not k.startswith("grad/"):
@@ -183,31 +390,62 @@ class ActivationFile:
                     f"{p}: '{k}' must be (n, ...) with n = {n} rows (one gradient per example), got shape "
                     f"{describe_shape(shape)}"
                 )
-            if dtype not in (np.float16, np.float32, np.float64):
-                raise InputError(f"{p}: '{k}' must be float16, float32 or float64, got {dtype}")
+            if not _is_float(dtype):
+                raise InputError(f"{p}: {_float_rule(k, dtype)}")
             self.grad_tensors.setdefault(parts[1], []).append(parts[2])
-        for k, kinds in (("train_labels", "iub"), ("permuted", "b"), ("split", "U")):
+        string_labels = ldtype.kind in "US"
+        for k, kinds in (("train_labels", "US" if string_labels else "iub"), ("permuted", "b"), ("split", "US")):
             if k not in h:
                 continue
             shape, dtype = h[k]
             if shape != (n,):
                 raise InputError(f"{p}: '{k}' has shape {describe_shape(shape)} but 'labels' has {n} entries")
             if dtype.kind not in kinds:
-                rule = {"train_labels": "integers", "permuted": "bool", "split": "strings 'train'/'test'"}[k]
+                rule = {"train_labels": "strings like 'labels'" if string_labels else "integers",
+                        "permuted": "bool", "split": "strings 'train'/'test'"}[k]
                 raise InputError(f"{p}: '{k}' must be {rule}, got dtype {dtype}")
         if not self.layers and not self.grad_tensors and not any(k.startswith("probe/") for k in self._order):
             raise InputError(f"{p}: no 'act/<layer>', 'grad/<layer>/<tensor>' or 'probe/...' keys: nothing to analyse")
-        self.labels = self.array("labels").astype(np.int64)
-        self.train_labels = self.array("train_labels").astype(np.int64) if "train_labels" in h else None
+        for k in ("labels", "train_labels", "permuted", "split"):
+            if k in h:
+                check_fits_in_memory(self.nbytes(k), f"{p}: '{k}'")
+        self.label_names: list[str] | None = None
+        if string_labels:
+            self.labels, self.train_labels, self.label_names = self._encode_string_labels(h)
+        else:
+            self.labels = self._int_labels("labels")
+            self.train_labels = self._int_labels("train_labels") if "train_labels" in h else None
         self.permuted = self.array("permuted") if "permuted" in h else None
         self.split = None
         if "split" in h:
             split = self.array("split")
+            if split.dtype.kind == "S":
+                split = split.astype("U")
             bad = ~np.isin(split, ("train", "test"))
             if np.any(bad):
                 i = int(np.flatnonzero(bad)[0])
                 raise InputError(f"{p}: 'split' must hold 'train' or 'test', got {str(split[i])!r} at index {i}")
             self.split = split
+
+    def _int_labels(self, key: str) -> np.ndarray:
+        arr = _native(self.array(key))
+        if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            i = int(np.argmax(arr))
+            raise InputError(f"{self.path}: '{key}' must fit in int64, got {int(arr[i])} at index {i}")
+        return arr.astype(np.int64)
+
+    def _encode_string_labels(self, h) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+        """String class names -> codes 0..K-1 in sorted name order (shared by labels and train_labels)."""
+        def load(k):
+            a = self.array(k)
+            return a.astype("U") if a.dtype.kind == "S" else a
+
+        lab = load("labels")
+        tl = load("train_labels") if "train_labels" in h else None
+        names = np.unique(lab if tl is None else np.concatenate([lab, tl]))
+        codes = np.searchsorted(names, lab).astype(np.int64)
+        tcodes = None if tl is None else np.searchsorted(names, tl).astype(np.int64)
+        return codes, tcodes, [str(x) for x in names]
 
     # -- access --------------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -224,10 +462,11 @@ class ActivationFile:
         """Load one array (allow_pickle=False)."""
         if key not in self._headers:
             raise InputError(f"{self.path}: no key '{key}'; keys present: {', '.join(self._order)}")
+        check_fits_in_memory(self.nbytes(key), f"{self.path}: '{key}'")
         try:
             with self._zip.open(key + ".npy") as fh:
                 return np.lib.format.read_array(fh, allow_pickle=False)
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
             raise InputError(f"{self.path}: key '{key}' could not be read ({exc})") from None
 
     def layer(self, name: str) -> np.ndarray:
@@ -242,7 +481,7 @@ class ActivationFile:
 
     @staticmethod
     def _flat(arr: np.ndarray) -> np.ndarray:
-        arr = arr.reshape(arr.shape[0], -1)
+        arr = _native(arr.reshape(arr.shape[0], -1))
         if arr.dtype == np.float16:
             arr = arr.astype(np.float32)
         return np.ascontiguousarray(arr)
@@ -405,11 +644,12 @@ class ActivationFile:
         unpermuted (train, not permuted, true labels), permuted (train, permuted, training labels),
         restored (the same examples, true labels) and test (test split, true labels).
         """
-        out: dict[str, Subset] = {}
-        for name, (rows, labels) in self._subset_rows().items():
-            if rows.size:
-                out[name] = Subset(name, rows, labels)
-        return out
+        memo = getattr(self, "_subsets_memo", None)
+        if memo is None:
+            memo = {name: Subset(name, rows, labels) for name, (rows, labels) in self._subset_rows().items()
+                    if rows.size}
+            self._subsets_memo = memo
+        return dict(memo)
 
     def empty_subsets(self) -> list[str]:
         return [name for name, (rows, _) in self._subset_rows().items() if rows.size == 0]
@@ -451,25 +691,59 @@ def open_activations(path: str | os.PathLike, *, scan_values: bool = False) -> A
 
 # -- writing -------------------------------------------------------------------------------------
 def _atomic_target(path: Path, force: bool) -> None:
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; cannot write a file there")
     if path.exists() and not force:
         raise InputError(f"{path}: already exists; pass force=True (CLI: --force) to overwrite")
-    if not path.parent.exists():
+    if not path.parent.is_dir():
         raise InputError(f"{path}: directory {path.parent} does not exist")
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it, under a lock)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _final_mode(path: Path) -> int:
+    """Mode of a file written over ``path``: the replaced file's permissions, else 0666 & ~umask (what
+    open() would give), never mkstemp's 0600."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, force: bool = True) -> Path:
-    """Write data to path via a temporary file in the same directory and os.replace."""
+    """Write data to path via a temporary file in the same directory, fsync and os.replace: a reader
+    sees the old file or the new one, never a part. The mode follows the umask (or the replaced file).
+    An OS error (disk full, file-size limit, permissions) is an InputError naming the path; the old
+    file is then left intact."""
     path = Path(path)
     _atomic_target(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    mode = _final_mode(path)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise InputError(
+            f"{path}: could not be written ({exc.strerror or exc}); any previous version is left intact"
+        ) from None
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
@@ -477,12 +751,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, force: bool = Tr
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, force: bool = True) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), force=force)
-
-
-def _check_name(name: str, what: str) -> str:
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise InputError(f"{what} name must be a non-empty string without '/', got {name!r}")
-    return name
 
 
 def save_activations(
@@ -530,10 +798,10 @@ def save_activations(
         arr = np.asarray(value)
         if arr.dtype not in (np.float16, np.float32, np.float64):
             arr = arr.astype(np.float32)
-        arrays["act/" + _check_name(name, "layer")] = arr
+        arrays["act/" + check_name(name, "layer")] = arr
     for layer, tensors in (grads or {}).items():
         for tname, value in tensors.items():
-            arrays[f"grad/{_check_name(layer, 'layer')}/{_check_name(tname, 'tensor')}"] = np.asarray(value)
+            arrays[f"grad/{check_name(layer, 'layer')}/{check_name(tname, 'tensor')}"] = np.asarray(value)
     for key, value in (extra or {}).items():
         if not key.startswith("probe/"):
             raise InputError(f"extra key {key!r} must start with 'probe/'")
@@ -541,9 +809,11 @@ def save_activations(
     for key, arr in arrays.items():
         if arr.dtype.hasobject:
             raise InputError(f"'{key}' has dtype object; save numeric arrays")
+    mode = _final_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, mode)
         (np.savez_compressed if compress else np.savez)(tmp, **arrays)
         ActivationFile(tmp).close()  # validate what was written before it replaces anything
         if path.exists() and not force:  # re-check: another writer may have appeared meanwhile
@@ -554,3 +824,109 @@ def save_activations(
             os.unlink(tmp)
         raise
     return path
+
+
+# -- one writer per directory ----------------------------------------------------------------------
+LOCK_NAME = ".geomprobe.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _describe_holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        return (f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}; "
+                f"lock file {path}")
+    except (OSError, ValueError, AttributeError):
+        return f"lock file {path}"
+
+
+def lock_holder(directory: str | os.PathLike) -> str | None:
+    """A description of the live run holding ``directory``'s lock, or None when it is free (no lock
+    file, or one left by a process that is gone: a stale lock)."""
+    path = Path(directory) / LOCK_NAME
+    if not path.exists():
+        return None
+    if fcntl is not None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _describe_holder(path)
+        finally:
+            os.close(fd)  # closing drops the probe's shared lock
+        return None
+    try:  # pragma: no cover - Windows
+        pid = int(json.loads(path.read_text()).get("pid", -1))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return _describe_holder(path) if pid > 0 and _pid_alive(pid) else None  # pragma: no cover
+
+
+@contextmanager
+def lock_directory(directory: str | os.PathLike) -> Iterator[Path]:
+    """Hold the exclusive lock of ``directory`` (the file ``.geomprobe.lock`` in it) for the block.
+
+    POSIX: an ``flock`` on the lock file, which the kernel releases when the process ends however it
+    ends, so a lock file left by a killed run is stale and taken over. The file names the holder (pid,
+    host, start time) for the message of a run that finds it taken: InputError at once, never a wait.
+    The lock file is removed when the block ends."""
+    import datetime
+    import socket
+
+    path = Path(directory) / LOCK_NAME
+    fd = None
+    for _ in range(20):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | (0 if fcntl is not None else os.O_EXCL), 0o666)
+        except FileExistsError:  # pragma: no cover - Windows
+            if lock_holder(directory) is None:
+                path.unlink(missing_ok=True)
+                continue
+            raise InputError(f"output directory {directory} is in use by another geomprobe run "
+                             f"({_describe_holder(path)})") from None
+        except OSError as exc:
+            raise InputError(f"{path}: cannot create the lock file ({exc.strerror or exc})") from None
+        if fcntl is None:  # pragma: no cover
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise InputError(
+                f"output directory {directory} is in use by another geomprobe run ({_describe_holder(path)}); "
+                "wait for it to finish or choose another -o"
+            ) from None
+        try:  # the holder may have removed the file between our open and flock: lock the current one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+        fd = None
+    if fd is None:  # pragma: no cover - endless contention
+        raise InputError(f"output directory {directory}: could not take the lock {path}")
+    try:
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        yield path
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)
