@@ -76,7 +76,7 @@ def register(family: dict[str, MetricInfo]) -> dict[str, MetricInfo]:
 
 
 # Families that declare their own rows (each module calls register at import).
-_FAMILIES: tuple[str, ...] = ("spectral", "collapse", "linear_probe", "similarity", "scores")
+_FAMILIES: tuple[str, ...] = ("spectral", "collapse", "linear_probe", "similarity", "scores", "glue")
 
 
 def _load_families() -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._kernels.mftma_simcap import hull_nnls, scan_critical
-from .._validation import AnalysisError, check_positive_int, check_seed
+from .._validation import AnalysisError, InputError, check_choice, check_positive_int, check_seed
 from ._data import as_manifolds, blas_threads, n_workers
 
 P_TOL = 0.05        # bisection stops when |p(n) - 1/2| <= P_TOL (reference value)
@@ -37,14 +37,15 @@ class EmpiricalCapacityResult:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def separable(Xp: np.ndarray, y: np.ndarray) -> tuple[bool, bool]:
+def separable(Xp: np.ndarray, y: np.ndarray, bias: bool = True) -> tuple[bool, bool]:
     """Exact strict separability (with bias) of the rows of Xp by labels y = +-1.
 
     Returns (separable, used_lp_fallback). A positive answer is certified by a hyperplane whose
     every margin y_i (w . x_i + b) is recomputed and found > 0; a negative answer comes with an
     NNLS certificate that 0 is in the convex hull of the signed points y_i [x_i; 1].
     """
-    A = np.ascontiguousarray(y[:, None] * np.hstack([Xp, np.ones((Xp.shape[0], 1))]))
+    one = np.full((Xp.shape[0], 1), 1.0 if bias else 0.0)   # a zero bias column: through the origin
+    A = np.ascontiguousarray(y[:, None] * np.hstack([Xp, one]))
     z, u, r1, status = hull_nnls(A, 100 * A.shape[0] + 10000)
     if status == 0:
         return bool(r1 > 0.0 and float((A @ u).min()) > 0.0), False
@@ -68,6 +69,38 @@ def _separable_lp(A: np.ndarray) -> bool:
     return bool(-res.fun > 0.0 and float((A @ res.x[:d]).min()) > 0.0)
 
 
+DICHOTOMIES = ("random", "one_vs_rest")
+
+
+def check_dichotomies(dichotomies, P: int) -> tuple[str, np.ndarray | None]:
+    """Validate a dichotomy ensemble: "random", "one_vs_rest" or a fixed array of P entries +-1.
+    Returns (kind, fixed labels or None); kind is "fixed" for an array."""
+    if isinstance(dichotomies, str):
+        return check_choice(dichotomies, "dichotomies", DICHOTOMIES), None
+    y = np.asarray(dichotomies)
+    if y.dtype.hasobject or y.ndim != 1 or y.shape[0] != P:
+        raise InputError(f"dichotomies must be 'random', 'one_vs_rest' or an array of P = {P} labels +-1, "
+                         f"got {'shape ' + str(y.shape) if not y.dtype.hasobject else 'dtype object'}")
+    if not np.issubdtype(y.dtype, np.number) or not np.all((y == 1) | (y == -1)):
+        bad = [v for v in y.tolist() if v not in (1, -1)][:1]
+        raise InputError(f"dichotomies must hold only +1 and -1, got {bad[0]!r}" if bad else
+                         f"dichotomies must hold only +1 and -1, got dtype {y.dtype}")
+    return "fixed", y.astype(np.float64)
+
+
+def draw_dichotomy(kind: str, P: int, gen: np.random.Generator, fixed: np.ndarray | None = None) -> np.ndarray:
+    """One dichotomy of the P manifolds (+-1 floats). "random": P // 2 manifolds +1 chosen uniformly
+    (odd P gives -1 one more); "one_vs_rest": one manifold +1, drawn uniformly; "fixed": ``fixed``."""
+    if kind == "fixed":
+        return fixed.copy()
+    lab = -np.ones(P)
+    if kind == "random":
+        lab[gen.permutation(P)[: P // 2]] = 1.0
+    else:
+        lab[int(gen.integers(P))] = 1.0
+    return lab
+
+
 class _CapReached(Exception):
     """The warm-started active set hit its iteration cap (never seen in practice)."""
 
@@ -77,13 +110,13 @@ class _Trial:
     sequence of unit-norm Gaussian directions, so separability is monotone in n (common random
     numbers across n)."""
 
-    def __init__(self, X0, point_class, P, seq: np.random.SeedSequence):
+    def __init__(self, X0, point_class, P, seq: np.random.SeedSequence, kind: str = "random",
+                 fixed: np.ndarray | None = None, bias: bool = True):
         s_lab, s_w = seq.spawn(2)
-        pos = np.random.default_rng(s_lab).permutation(P)[: P // 2]
-        lab = -np.ones(P)
-        lab[pos] = 1.0
+        lab = draw_dichotomy(kind, P, np.random.default_rng(s_lab), fixed)
         self.y = lab[point_class]
         self.X0 = X0
+        self.bias = bias
         self.s_w = s_w
         self.Xp = np.empty((X0.shape[0], 0))
         self.tests = 0
@@ -96,7 +129,7 @@ class _Trial:
             W = np.random.default_rng(self.s_w).standard_normal((n_alloc, N))  # prefix-stable rows
             W /= np.linalg.norm(W, axis=1, keepdims=True)
             self.Xp = self.X0 @ W.T
-        sep, lp = separable(self.Xp[:, :n], self.y)
+        sep, lp = separable(self.Xp[:, :n], self.y, self.bias)
         self.tests += 1
         self.lp += lp
         return sep
@@ -121,9 +154,9 @@ class _Trial:
         m, N = X0.shape
         self._gen = np.random.default_rng(self.s_w)     # rows drawn in blocks: same stream, same rows
         self._A = np.empty((m, 1 + min(N, _BLOCK)))
-        self._A[:, 0] = self.y
+        self._A[:, 0] = self.y if self.bias else 0.0   # bias column (zero: through the origin)
         self._At = np.empty((self._A.shape[1], m))
-        self._At[0] = self.y
+        self._At[0] = self._A[:, 0]
         self._n_have = 0
         lo_state = (np.zeros(m), np.zeros(m, dtype=bool), np.empty(m, dtype=np.int64),
                     np.empty((1, 1)), np.zeros(2, dtype=np.int64))
@@ -234,7 +267,23 @@ class _Trial:
         return hi
 
 
-def empirical_capacity(X, labels=None, *, n_rep: int = 30, seed=None) -> EmpiricalCapacityResult:
+def _normalise(X0: np.ndarray) -> np.ndarray:
+    """X0 scaled in place by the power of two nearest to its root-mean-square entry, so that the
+    separability tests (whose bias column is 1 and whose tolerances are absolute on data of order 1)
+    see the same numbers, up to a factor in [0.71, 1.41], whatever the data's scale. A power of two
+    is exact: data whose RMS entry is already within that range are unchanged bit for bit."""
+    top = float(np.max(np.abs(X0), initial=0.0))
+    if not top > 0.0:
+        return X0
+    rms = top * float(np.sqrt(np.mean(np.square(X0 / top))))
+    e = int(np.round(np.log2(rms)))
+    if e:
+        np.ldexp(X0, -e, out=X0)
+    return X0
+
+
+def empirical_capacity(X, labels=None, *, n_rep: int = 30, seed=None,
+                       dichotomies="random", bias: bool = True) -> EmpiricalCapacityResult:
     """Empirical manifold capacity alpha_sim = P / N_c (spec section 5).
 
     X: (n_samples, n_features) with labels, or a list of per-class arrays. n_rep: random dichotomies
@@ -244,17 +293,26 @@ def empirical_capacity(X, labels=None, *, n_rep: int = 30, seed=None) -> Empiric
     strictly linearly separable (exact test: see :func:`separable`). The reference's bisection on
     p(n) - 1/2 over n in [2, N] is run with common random numbers (trial r uses the same dichotomy
     and the first n of the same directions for every n), and N_c is interpolated at p = 1/2.
+
+    dichotomies: the ensemble of the labellings, as :func:`geomprobe.glue_analysis`: "random" (the
+    default above), "one_vs_rest" (one class +1, drawn uniformly per trial) or a fixed array of P
+    labels +-1 (every trial uses it; only the projections vary). The result is invariant to a
+    common positive scale of X: the centred data are normalised once (see :func:`_normalise`).
+    bias=False: hyperplanes through the origin (after centring), the separability problem whose
+    capacity GLUE's joint QP estimates; the default keeps the reference protocol's bias.
     """
     n_rep = check_positive_int(n_rep, "n_rep")
     rng = check_seed(seed)
     man = as_manifolds(X, labels)
     P, N = man.P, man.N
+    kind, fixed = check_dichotomies(dichotomies, P)
     X0 = np.concatenate([np.asarray(man.get(i), dtype=np.float64) for i in range(P)])
     X0 -= X0.mean(axis=0)
+    _normalise(X0)
     point_class = np.repeat(np.arange(P), man.sizes)
     entropy = rng.integers(0, 2**63 - 1, size=4, dtype=np.int64)
     seqs = np.random.SeedSequence([int(e) for e in entropy]).spawn(n_rep)
-    trials = [_Trial(X0, point_class, P, s) for s in seqs]
+    trials = [_Trial(X0, point_class, P, s, kind, fixed, bool(bias)) for s in seqs]
     workers = n_workers(n_rep)
     # the first N_HINT_TRIALS trials search from scratch; the median of their critical n is the hint
     # of all others (a fixed number of trials, so that the counts of tests do not depend on the
