@@ -26,7 +26,7 @@ from .io import FORMAT_NAME, FORMAT_VERSION, ActivationFile
 __all__ = ["ActivationWriter"]
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-_COPY_CHUNK = 8 << 20  # bytes copied at a time from a spool file into the archive
+_COPY_CHUNK = 1 << 20  # bytes copied at a time from a spool file into the archive
 
 
 def _umask() -> int:
@@ -203,7 +203,8 @@ class ActivationWriter:
         if self.n == 0:
             self.abort()
             raise InputError(f"{self.path}: no examples were appended; nothing to write")
-        info = dict(self._meta)
+        info = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+        info.update(self._meta)
         info.update(self._check_meta(meta))
         info["format"], info["format_version"] = FORMAT_NAME, FORMAT_VERSION
         small: dict[str, np.ndarray] = {"meta": np.array(json.dumps(info))}

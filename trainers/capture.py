@@ -246,7 +246,7 @@ class Capture:
         self._calls_seen: dict[tuple[str, str], int] | None = None  # per-forward call counts (first forward)
         self._chunks: dict[tuple[str, str, int], list[torch.Tensor]] = {}
         self._handles: list[Any] = []
-        self._batch_rows: int | None = None
+        self._shapes: dict[tuple[str, str, int], tuple[int, ...]] = {}  # last raw output shape, for messages
 
     @staticmethod
     def _label(req: tuple[str, str, str, int | None]) -> str:
@@ -307,6 +307,7 @@ class Capture:
                 out = out.reshape(1, 1)
             base = mod + (":in" if kind == "in" else "")
             fn, _ = self._reducer(base, idx)
+            self._shapes[(mod, kind, idx)] = tuple(out.shape)
             red = fn(base, out)
             self._chunks.setdefault((mod, kind, idx), []).append(red.to("cpu", copy=True).float())
 
@@ -407,9 +408,9 @@ class Capture:
                 raise InputError(f"layer {name!r} recorded no output: it was not called in the forward pass")
             arr = torch.cat(chunks).numpy().astype(self.dtype, copy=False)
             if n_rows is not None and arr.shape[0] != n_rows:
-                shapes = sorted({tuple(c.shape) for c in chunks})
                 raise InputError(
-                    f"layer {name!r} gave {arr.shape[0]} rows for {n_rows} examples (output shape(s) {shapes}); "
+                    f"layer {name!r} gave {arr.shape[0]} rows for {n_rows} examples (output shape "
+                    f"{self._shapes.get(key)}); "
                     "its first axis is not the batch (e.g. nn.Transformer* without batch_first=True) - "
                     "capture another module or use batch_first=True")
             out[name] = arr
