@@ -13,6 +13,7 @@ from .alignment import (
     pairwise_stats,
     sign_stiffness,
 )
+from .glue import GlueResult, glue_analysis
 from .io import ActivationFile, open_activations, save_activations
 from .writer import ActivationWriter
 from .mftma import (
@@ -56,6 +57,8 @@ __all__ = [
     "InputError",
     "__version__",
     "alignment",
+    "GlueResult",
+    "glue_analysis",
     "averaging_classifier",
     "frobenius_norm_product",
     "layerwise_collapse",
