@@ -52,12 +52,16 @@ def centered_cross(X: np.ndarray, Y: np.ndarray, mx: np.ndarray, my: np.ndarray,
     return M
 
 
-def class_means(X: np.ndarray, codes: np.ndarray, K: int, chunk_rows: int = CHUNK_ROWS):
-    """(K x d float64 class means, K int64 counts) for codes 0..K-1 (every class non-empty)."""
+def class_means(X: np.ndarray, codes: np.ndarray, K: int, shift: np.ndarray | None = None,
+                chunk_rows: int = CHUNK_ROWS):
+    """(K x d float64 class means of X - shift, K int64 counts) for codes 0..K-1 (every class non-empty)."""
     n, d = X.shape
     S = np.zeros((K, d))
+    sh = None if shift is None else shift.astype(X.dtype)
     for a in range(0, n, chunk_rows):
         block, cb = X[a:a + chunk_rows], codes[a:a + chunk_rows]
+        if sh is not None:
+            block = block - sh
         onehot = np.zeros((K, block.shape[0]), dtype=block.dtype)
         onehot[cb, np.arange(block.shape[0])] = 1.0
         S += onehot @ block  # per-chunk sums in X's dtype (BLAS), accumulated in float64

@@ -80,12 +80,13 @@ def neural_collapse(X, labels, *, weights=None, logits=None) -> CollapseResult:
             raise InputError(f"logits has {L.shape[1]} columns but labels hold class id {int(classes.max())} "
                              f"(min {int(classes.min())}); column c of logits is class c")
     notes: list[str] = []
-    mu, counts = _moments.class_means(X, codes, C)
-    M = mu - mu.mean(axis=0)
-    # NC1 through the between-class basis
+    g = _moments.column_mean(X)  # class means are taken of X - g (no cancellation for shifted data)
+    mu_s, counts = _moments.class_means(X, codes, C, shift=g)
+    M = mu_s - mu_s.mean(axis=0)
+    # NC1 through the between-class basis; M has rank <= C - 1 (its rows sum to 0)
     U, s, Vt = np.linalg.svd(M, full_matrices=False)
     tol = max(C, d) * np.finfo(np.float64).eps * (s[0] if s.size else 0.0)
-    keep = s > tol
+    keep = (s > tol) & (np.arange(s.size) < C - 1)
     r = int(keep.sum())
     if r == 0:
         notes.append("all class means coincide (Sigma_B = 0): NC1 undefined")
@@ -93,10 +94,10 @@ def neural_collapse(X, labels, *, weights=None, logits=None) -> CollapseResult:
     else:
         V = Vt[keep].T  # d x r
         w = np.zeros(r)
-        MV = mu @ V  # C x r
-        Vx = V.astype(X.dtype)
+        MV = mu_s @ V  # C x r
+        Vx, gx = V.astype(X.dtype), g.astype(X.dtype)
         for a in range(0, n, _moments.CHUNK_ROWS):
-            P = (X[a:a + _moments.CHUNK_ROWS] @ Vx).astype(np.float64) - MV[codes[a:a + _moments.CHUNK_ROWS]]
+            P = ((X[a:a + _moments.CHUNK_ROWS] - gx) @ Vx).astype(np.float64) - MV[codes[a:a + _moments.CHUNK_ROWS]]
             w += np.einsum("ij,ij->j", P, P)
         nc1 = float(np.sum(C / s[keep] ** 2 * (w / n)) / C)
     norms = np.linalg.norm(M, axis=1)
@@ -120,11 +121,11 @@ def neural_collapse(X, labels, *, weights=None, logits=None) -> CollapseResult:
         else:
             notes.append("weights or class means are all zero: NC3 undefined")
     if L is not None:
-        sq = np.einsum("ij,ij->i", mu, mu)
+        sq = np.einsum("ij,ij->i", mu_s, mu_s)
         mismatch = 0
-        mux = mu.astype(X.dtype)
+        mux, gx = mu_s.astype(X.dtype), g.astype(X.dtype)
         for a in range(0, n, _moments.CHUNK_ROWS):
-            blk = X[a:a + _moments.CHUNK_ROWS]
+            blk = X[a:a + _moments.CHUNK_ROWS] - gx
             ncc = classes[np.argmin(sq[None, :] - 2.0 * (blk @ mux.T), axis=1)]
             net = np.argmax(L[a:a + _moments.CHUNK_ROWS], axis=1)
             mismatch += int(np.sum(ncc != net))

@@ -37,7 +37,7 @@ METRICS = register({
 @dataclass(frozen=True)
 class SpectrumResult:
     """``eigenvalues``: the covariance spectrum (scatter / n), descending, float64, length min(n, d),
-    negatives from rounding clipped to 0. ``center``: whether rows were centred."""
+    values below max(n, d) * eps * the largest set to 0. ``center``: whether rows were centred."""
 
     participation_ratio: float
     effective_rank: float
@@ -60,7 +60,10 @@ def _second_moment(X: np.ndarray, center: bool) -> np.ndarray:
 
 
 def _from_moment(S: np.ndarray, n: int, d: int, center: bool) -> SpectrumResult:
-    lam = np.clip(np.linalg.eigvalsh(S)[::-1], 0.0, None)
+    lam = np.linalg.eigvalsh(S)[::-1]
+    # eigenvalues below rounding level (max(n, d) * eps * largest) are zero: their square roots (~1e-8 of
+    # the largest singular value) would otherwise enter the entropy
+    lam = np.where(lam > max(n, d) * np.finfo(np.float64).eps * max(lam[0], 0.0), lam, 0.0)
     notes = []
     tr = float(np.trace(S))
     fro2 = float(np.sum(S * S))
