@@ -237,10 +237,10 @@ def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
     pos, neg = pos[~np.isnan(pos)], neg[~np.isnan(neg)]
     if pos.size == 0 or neg.size == 0:
         return float("nan")
-    from scipy.stats import rankdata
-
-    r = rankdata(np.concatenate([pos, neg]))
-    return float((r[:pos.size].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
+    neg = np.sort(neg)
+    below = np.searchsorted(neg, pos, side="left")
+    ties = np.searchsorted(neg, pos, side="right") - below
+    return float((below.sum() + 0.5 * ties.sum()) / (pos.size * neg.size))
 
 
 # score name -> (column, sign): sign -1 when a low value means memorised

@@ -140,14 +140,15 @@ def per_example_layer_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Ten
     mode (no parameter gradients are touched)."""
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)]
-    device = device or next(model.parameters()).device
+    p0 = next(model.parameters())
+    device, dtype = device or p0.device, p0.dtype
     n = int(x.shape[0])
     out = {name: np.empty(n) for name, _ in targets}
     was = model.training
     model.eval()
     try:
         for s in range(0, n, batch_size):
-            xb = x[s:s + batch_size].to(device).float()
+            xb = x[s:s + batch_size].to(device, dtype=dtype)
             yb = y[s:s + batch_size].to(device)
             store: dict[str, tuple] = {}
             hooks = []
@@ -164,7 +165,8 @@ def per_example_layer_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Ten
                     hooks.append(m.register_forward_hook(hook(name)))
                 with torch.enable_grad():
                     z = model(xb)
-                    losses = F.cross_entropy(z.float(), yb, reduction="none")
+                    z = z if z.dtype in (torch.float32, torch.float64) else z.float()
+                    losses = F.cross_entropy(z, yb, reduction="none")
                     names = [k for k, _ in targets if k in store]
                     grads = torch.autograd.grad(losses.sum(), [store[k][1] for k in names], allow_unused=True)
             finally:
