@@ -7,9 +7,12 @@ invariance, zero gradients).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+
+import numpy as np
 
 import pytest
 
@@ -531,3 +534,374 @@ def test_normalized_loss_zero_layer_gives_none(gen):
     r = normalized_loss(model, x, torch.tensor([0, 1, 2, 3]))
     assert r["normalized_loss"] is None and r["norm_product"] is None and r["log_norm_product"] is None
     json.dumps(r, allow_nan=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# layer rules against the torch.func vmap(grad) oracle (float64, 1e-6 relative)
+# ------------------------------------------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from geomprobe.alignment import AlignmentAccumulator  # noqa: E402
+from geomprobe.alignment_sums import stats_from_sums  # noqa: E402
+from geomprobe.trainers.gradstats import (  # noqa: E402
+    Explicit,
+    oracle_gradients,
+    per_example_norms,
+    register_rule,
+    write_gradients,
+)
+
+TOL6 = 1e-6
+Y7 = torch.tensor([0, 0, 1, 1, 1, 2, 0])
+
+
+class EmbedBag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 5, padding_idx=0)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(self.emb(x).mean(1))
+
+
+class Attention(nn.Module):
+    """MultiheadAttention, batch-first or sequence-first, self- or cross-attention, kdim != embed_dim."""
+
+    def __init__(self, batch_first=True, kdim=None, cross=False):
+        super().__init__()
+        self.bf, self.kdim, self.cross = batch_first, kdim, cross
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        kv = x[..., :self.kdim] if self.kdim else (x[:, :3] * 2 if self.cross else x)
+        if not self.bf:
+            x, kv = x.transpose(0, 1), kv.transpose(0, 1)
+        o, _ = self.attn(x, kv, kv)
+        if not self.bf:
+            o = o.transpose(0, 1)
+        return self.out(o.mean(1))
+
+
+class Encoder(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.bf = batch_first
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.enc(x if self.bf else x.transpose(0, 1))
+        return self.out((h if self.bf else h.transpose(0, 1)).mean(1))
+
+
+def _layer_case(kind, gen):
+    n = len(Y7)
+
+    def randn(*shape):
+        return torch.randn(n, *shape, generator=gen, dtype=torch.float64)
+
+    if kind == "conv1d_groups_circular":
+        return nn.Sequential(nn.Conv1d(4, 6, 3, stride=2, padding=2, padding_mode="circular", groups=2), nn.ReLU(),
+                             nn.Conv1d(6, 6, 2, dilation=2, groups=3), nn.Flatten(), nn.Linear(6 * 5, 3)), randn(4, 11)
+    if kind == "conv3d_replicate_depthwise":
+        return nn.Sequential(nn.Conv3d(2, 4, (2, 3, 2), stride=(1, 2, 1), padding=1, padding_mode="replicate"),
+                             nn.Tanh(), nn.Conv3d(4, 4, 2, groups=4, dilation=(1, 2, 1)), nn.Flatten(),
+                             nn.Linear(4 * 4 * 1 * 4, 3)), randn(2, 4, 5, 4)
+    if kind == "conv2d_same_groupnorm":
+        return nn.Sequential(nn.Conv2d(4, 8, 3, padding="same", padding_mode="reflect", groups=2), nn.ReLU(),
+                             nn.GroupNorm(2, 8), nn.Flatten(), nn.Linear(8 * 25, 3)), randn(4, 5, 5)
+    if kind == "batchnorm_eval":
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3),
+                          nn.BatchNorm1d(3))
+        with torch.no_grad():
+            for bn in (m[1], m[5]):
+                bn.running_mean.uniform_(-1, 1, generator=gen)
+                bn.running_var.uniform_(0.5, 2, generator=gen)
+        return m, randn(3, 5, 5)
+    if kind == "layernorm_rmsnorm_sequence":
+        return nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.RMSNorm(6), nn.Linear(6, 3),
+                             nn.Flatten(), nn.Linear(12, 3)), randn(4, 5)
+    if kind == "embedding":
+        return EmbedBag(), torch.randint(0, 10, (n, 6), generator=gen)
+    if kind == "mha":
+        return Attention(), randn(5, 8)
+    if kind == "mha_seq_first":
+        return Attention(batch_first=False), randn(5, 8)
+    if kind == "mha_kdim":
+        return Attention(kdim=4), randn(5, 8)
+    if kind == "mha_cross":
+        return Attention(cross=True), randn(5, 8)
+    if kind == "encoder":
+        return Encoder(True), randn(5, 8)
+    if kind == "encoder_seq_first":
+        return Encoder(False), randn(5, 8)
+    raise ValueError(kind)
+
+
+LAYER_KINDS = ["conv1d_groups_circular", "conv3d_replicate_depthwise", "conv2d_same_groupnorm", "batchnorm_eval",
+               "layernorm_rmsnorm_sequence", "embedding", "mha", "mha_seq_first", "mha_kdim", "mha_cross",
+               "encoder", "encoder_seq_first"]
+
+
+def _seeded(kind, gen):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2 ** 31, (1,), generator=gen)))
+        m, x = _layer_case(kind, gen)
+    return m.double(), x
+
+
+def _oracle_norms(model, x, y, how="vmap"):
+    names, grads, _ = oracle_gradients(model, x, y, how=how)
+    return {k: g.reshape(g.shape[0], -1).norm(dim=1) for k, g in zip(names, grads)}
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_layer_rules_match_vmap_oracle(kind, gen):
+    model, x = _seeded(kind, gen)
+    how = "loop" if kind.startswith(("mha", "encoder", "embedding")) else "vmap"
+    fast = gradient_stats(model, x, Y7, per_example_norms=True)
+    ref = gradient_stats_oracle(model, x, Y7, how=how)
+    norms = _oracle_norms(model, x, Y7, how=how)
+    expected = {k for k, p in model.named_parameters()} | {"logits"}
+    assert set(fast) == set(ref) == expected
+    for k, v in fast.items():
+        got = torch.tensor(v.pop("norms"), dtype=torch.float64)
+        if k != "logits":
+            torch.testing.assert_close(got, norms[k], rtol=TOL6, atol=1e-12)
+    assert_same(fast, ref, tol=TOL6)
+
+
+@settings(max_examples=12, deadline=None)
+@given(dim=st.sampled_from([1, 2, 3]), k=st.integers(1, 3), stride=st.integers(1, 2), pad=st.integers(0, 2),
+       dil=st.integers(1, 2), groups=st.sampled_from([1, 2]), mode=st.sampled_from(["zeros", "reflect", "circular"]),
+       bias=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_conv_hyperparameters_match_oracle(dim, k, stride, pad, dil, groups, mode, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    size = 5 if dim < 3 else 4
+    conv = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dim - 1](2 * groups, 2 * groups, k, stride=stride, padding=pad,
+                                                      dilation=dil, groups=groups, bias=bias, padding_mode=mode)
+    x = torch.randn(6, 2 * groups, *([size] * dim), generator=gen, dtype=torch.float64)
+    if mode == "reflect" and pad >= size:
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        feat = conv.double()(x).flatten(1).shape[1]
+        model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(feat, 3)).double()
+    y = torch.tensor([0, 1, 0, 1, 2, 2])
+    fast = gradient_stats(model, x, y, per_example_norms=True)
+    norms = _oracle_norms(model, x, y)
+    for key in ("0.weight", "0.bias") if bias else ("0.weight",):
+        torch.testing.assert_close(torch.tensor(fast[key].pop("norms"), dtype=torch.float64), norms[key],
+                                   rtol=TOL6, atol=1e-12)
+    for v in fast.values():
+        v.pop("norms", None)
+    assert_same(fast, gradient_stats_oracle(model, x, y, how="vmap"), tol=TOL6)
+
+
+@settings(max_examples=8, deadline=None)
+@given(T=st.integers(1, 6), d_in=st.integers(1, 7), d_out=st.integers(1, 7), method=st.sampled_from(["gram", "explicit"]),
+       seed=st.integers(0, 2 ** 16))
+def test_linear_sequences_match_oracle(T, d_in, d_out, method, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(d_in, d_out), nn.Tanh(), nn.Flatten(), nn.Linear(T * d_out, 3)).double()
+    x = torch.randn(7, T, d_in, generator=gen, dtype=torch.float64)
+    assert_same(gradient_stats(model, x, Y7, method=method), gradient_stats_oracle(model, x, Y7, how="vmap"), tol=TOL6)
+
+
+# ------------------------------------------------------------------------------------------------
+# the recorder inside a real training step
+# ------------------------------------------------------------------------------------------------
+def _train_model(gen):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2 ** 31, (1,), generator=gen)))
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.GroupNorm(2, 4),
+                             nn.Dropout(0.3), nn.Flatten(), nn.Linear(100, 3))
+
+
+def test_recorder_changes_neither_loss_nor_update(gen):
+    model = _train_model(gen)
+    twin = copy.deepcopy(model)
+    x = torch.randn(9, 3, 5, 5, generator=gen)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1])
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3) for m in (model, twin)]
+    losses = []
+    for step in range(2):
+        for m, opt, rec in ((model, opts[0], False), (twin, opts[1], True)):
+            torch.manual_seed(step)  # same dropout masks
+            opt.zero_grad()
+            with (recorder(m, labels=y) if rec else contextlib.nullcontext()) as r:
+                loss = F.cross_entropy(m(x), y)
+                loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+            if rec:
+                stats = r.stats()
+                assert stats["5.weight"]["n"] == 9 and stats["5.weight"]["omega"] is not None
+    assert all(torch.equal(a, b) for a, b in zip(losses[0::2], losses[1::2]))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_recorder_mean_loss_scale_matches_one_shot(gen):
+    model, x, y = make("conv", gen)
+    init(model, gen)
+    ref = gradient_stats(model, x, y, per_example_norms=True)
+    for scale, loss_of in (("mean", lambda o: F.cross_entropy(o, y)),
+                           ("sum", lambda o: F.cross_entropy(o, y, reduction="sum")),
+                           (0.25, lambda o: 0.25 * F.cross_entropy(o, y, reduction="sum"))):
+        with recorder(model, labels=y, loss_scale=scale) as rec:
+            loss_of(model(x)).backward()
+        got = rec.stats(per_example_norms=True)
+        for k in ref:
+            assert got[k]["norms"] == pytest.approx(ref[k]["norms"], rel=1e-12), (scale, k)
+        assert_same({k: {a: b for a, b in v.items() if a != "norms"} for k, v in got.items()},
+                    {k: {a: b for a, b in v.items() if a != "norms"} for k, v in ref.items()}, tol=1e-10)
+        model.zero_grad()
+    # per-example norms by layer: the tensors of a module together
+    by_layer = rec.layer_norms()
+    t = rec.norms()
+    torch.testing.assert_close(by_layer["0"], (t["0.weight"] ** 2 + t["0.bias"] ** 2).sqrt())
+
+
+def test_recorder_num_classes_without_host_labels(gen):
+    model, x, y = make("mlp", gen)
+    with recorder(model, labels=y, num_classes=6) as rec:  # classes 4, 5 absent: left out
+        F.cross_entropy(model(x), y).backward()
+    assert_same(rec.stats(), gradient_stats(model, x, y), tol=1e-10)
+
+
+def test_recorder_refuses_batchnorm_in_train_mode(gen):
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)).double()
+    x = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    with pytest.raises(InputError, match=r"BatchNorm module\(s\) \['1'\] are in train mode"):
+        with recorder(model, labels=torch.zeros(6, dtype=torch.long)):
+            model(x).sum().backward()
+    model.eval()
+    with recorder(model, labels=torch.zeros(6, dtype=torch.long)) as rec:
+        model(x).sum().backward()
+    assert set(rec.norms()) >= {"1.weight", "1.bias"}
+
+
+class Scale(nn.Module):
+    """A module no built-in rule covers: y = x * w (per feature)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_unsupported_module_named_skipped_or_registered(gen):
+    model = nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    with pytest.raises(InputError, match=r"module '1' \(Scale\) has trainable parameters \['w'\] that no gradient rule"):
+        gradient_stats(model, x, Y7)
+    res = gradient_stats(model, x, Y7, skip_unsupported=True)
+    assert res["skipped_modules"] == ["1"] and "1.w" not in res
+    try:
+        register_rule(Scale, lambda m, inputs, out, grad, bdim: {"w": Explicit(grad * inputs[0])})
+        assert_same(gradient_stats(model, x, Y7), gradient_stats_oracle(model, x, Y7, how="vmap"), tol=TOL6)
+    finally:
+        from geomprobe.trainers.gradstats.rules import RULES
+        RULES.pop(Scale, None)
+    with pytest.raises(InputError, match="register_rule needs an nn.Module subclass"):
+        register_rule(int, lambda *a: {})
+
+
+# ------------------------------------------------------------------------------------------------
+# per-example norms and the gradient writer
+# ------------------------------------------------------------------------------------------------
+def test_per_example_norms_by_tensor_and_layer(gen):
+    model, x = _seeded("mha", gen)
+    ref = _oracle_norms(model, x, Y7, how="loop")
+    got = per_example_norms(model, x, Y7)
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, rtol=TOL6, atol=1e-12)
+    layer = per_example_norms(model, x, Y7, by="layer")
+    assert set(layer) == {"attn", "out"}
+    attn = sum(ref[k] ** 2 for k in ref if k.startswith("attn.")).sqrt()
+    torch.testing.assert_close(layer["attn"], attn, rtol=TOL6, atol=1e-12)
+    with pytest.raises(InputError, match="by must be one of 'tensor', 'layer'; got 'module'"):
+        per_example_norms(model, x, Y7, by="module")
+
+
+def test_write_gradients_streams_exact_per_example_gradients(tmp_path, gen):
+    from geomprobe.io import open_activations
+
+    model, x = _seeded("embedding", gen)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, Y7), batch_size=3)
+    path = write_gradients(tmp_path / "g.npz", model, loader, out_dtype="float64")
+    names, grads, _ = oracle_gradients(model, x, Y7, how="loop")
+    with open_activations(path) as f:
+        assert f.array("labels").tolist() == Y7.tolist()
+        for name, g in zip(names, grads):
+            layer, tensor = name.split(".", 1)
+            got = f.array(f"grad/{layer}/{tensor}")
+            assert got.shape == tuple(g.shape)
+            np.testing.assert_allclose(got, g.numpy(), rtol=1e-10, atol=1e-12)
+    path = write_gradients(tmp_path / "n.npz", model, [(x[:4], Y7[:4], Y7[:4] + 10), (x[4:], Y7[4:], Y7[4:] + 10)],
+                           what="norms")
+    with open_activations(path) as f:
+        assert f.array("labels").tolist() == (Y7 + 10).tolist()
+        got = f.array("grad/emb/weight.norm")
+        assert got.shape == (7, 1) and got.dtype == np.float32
+        np.testing.assert_allclose(got[:, 0], grads[0].reshape(7, -1).norm(dim=1).numpy(), rtol=1e-6)
+    with pytest.raises(InputError, match="already exists"):
+        write_gradients(tmp_path / "n.npz", model, [(x, Y7)], what="norms")
+    with pytest.raises(InputError, match="what must be one of 'gradients', 'norms'; got 'sums'"):
+        write_gradients(tmp_path / "m.npz", model, [(x, Y7)], what="sums")
+
+
+# ------------------------------------------------------------------------------------------------
+# the core formulas the torch side calls
+# ------------------------------------------------------------------------------------------------
+def test_stats_from_sums_equals_core_accumulator():
+    rng = np.random.default_rng(3)
+    V = rng.normal(size=(12, 5))
+    V[4] = 0
+    lab = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 0])
+    acc = AlignmentAccumulator().update(V, lab)
+    st_ = acc.compute()
+    nrm = np.linalg.norm(V, axis=1)
+    U = np.where(nrm[:, None] > 0, V / np.where(nrm > 0, nrm, 1)[:, None], 0)
+    rows = [lab == c for c in range(4)]
+    s = stats_from_sums([r.sum() for r in rows], [(nrm[r] > 0).sum() for r in rows], [nrm[r].sum() for r in rows],
+                        [(nrm[r] ** 2).sum() for r in rows], [(V[r].sum(0) ** 2).sum() for r in rows],
+                        [(U[r].sum(0) ** 2).sum() for r in rows])
+    np.testing.assert_allclose(s.omega, st_.omega_per_class, rtol=1e-12)
+    np.testing.assert_allclose(s.diversity, st_.diversity_per_class, rtol=1e-12)
+    np.testing.assert_allclose(s.cosine_stiffness, st_.cosine_within, rtol=1e-12)
+    assert np.isnan(s.omega[3])  # one example: undefined, not 0
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_layer_rules_on_cuda_match_cpu_oracle(kind, gen):
+    model, x = _seeded(kind, gen)
+    ref = gradient_stats_oracle(model, x, Y7, how="loop")
+    dev = torch.device("cuda")
+    fast = gradient_stats(copy.deepcopy(model).to(dev), x.to(dev), Y7.to(dev))
+    assert_same(fast, ref, tol=TOL6)
+
+
+@pytest.mark.gpu
+def test_recorder_on_cuda_float32_close_to_float64(gen):
+    model, x, y = make("conv", gen)
+    ref = gradient_stats_oracle(model, x, y)
+    dev = torch.device("cuda")
+    m32 = copy.deepcopy(model).float().to(dev)
+    with recorder(m32, labels=y.to(dev), num_classes=3) as rec:
+        F.cross_entropy(m32(x.float().to(dev)), y.to(dev)).backward()
+    got = rec.stats()
+    for k in ref:
+        assert got[k]["omega"] == pytest.approx(ref[k]["omega"], rel=1e-3, abs=1e-4)
