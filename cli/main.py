@@ -21,7 +21,7 @@ _COMMANDS = [analyze, demo]
 def _optional_commands():
     """Subcommands whose modules import heavy packages only when run (train, report)."""
     mods = []
-    for name in ("train", "report"):
+    for name in ("train", "report", "plot"):
         try:
             mods.append(__import__(f"geomprobe.cli.{name}", fromlist=[name]))
         except ModuleNotFoundError as exc:
