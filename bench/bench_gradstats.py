@@ -1,13 +1,26 @@
-"""Benchmark: gradient_stats (one forward + one backward, no per-example gradients) against the
-per-example oracles, on the paper-000 MLP (3072 -> 1024 -> 10, ReLU, no bias, batch 256).
+"""Benchmark: per-example gradient statistics against a plain training step, side by side in one process.
 
-    python bench/bench_gradstats.py [--batch 256] [--hidden 1024] [--repeats 3] [--device cpu]
-                                    [--dtype float32] [--skip-vmap] [--skip-loop] [--oracle]
+    python bench/bench_gradstats.py [--device cpu|cuda] [--models mlp,convnet3,alexnet,resnet18,transformer]
+                                    [--batch 256,1024] [--width 1.0] [--repeats 5] [--skip-vmap]
+                                    [--profile MODEL] [--check]
 
-Prints one table: median wall time per call and the ratio to one ordinary training step
-(forward + backward of the mean loss) and to the fast route. "materialise only" rows are the cost of
-just forming the n per-example gradients (the least any per-example route pays); the full oracle
-(--oracle) also evaluates the pairwise definitions.
+For every model and batch it prints the median wall time (after a warm-up) of
+
+* ``plain step``: zero_grad + forward + mean cross-entropy + backward (the model in eval mode, as the
+  issue-17 measurements; BatchNorm in train mode has no per-example gradients);
+* ``step + recorder``: the same step inside ``gradstats.recorder`` plus ``rec.stats()`` (every
+  statistic of every tensor, per class, and the per-example norms, on the host);
+* ``one-shot``: ``gradstats.gradient_stats(model, x, y)`` (its own forward and backward);
+* ``vmap route``: ``torch.func.vmap(grad(...))`` over ``functional_call`` materialising every
+  per-example gradient and taking its norm (per-example norms only),
+
+and the ratios to the plain step. Targets (issue 17): recorder <= 1.3x, one-shot <= 2x, both faster
+than the vmap route. Models are this repository's builders (paper presets): ``mlp`` 3072-1024-10 no
+bias, ``convnet3`` (64 channels), ``alexnet`` (100 classes), ``resnet18`` (100 classes), and
+``transformer``: token embedding + 4 ``nn.TransformerEncoderLayer`` (d_model 256, 8 heads, sequence
+128) + linear head. ``--width`` scales the widths (CPU runs), ``--seq`` the transformer's sequence.
+``--profile MODEL`` prints the torch profiler's top operators of the recorder step for one model;
+``--check`` compares the recorder's statistics with the one-shot route (float32) before timing.
 """
 from __future__ import annotations
 
@@ -20,7 +33,43 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from geomprobe.trainers.gradstats import gradient_stats, gradient_stats_oracle, gradient_sums
+from geomprobe.trainers import gradstats
+from geomprobe.trainers.models import build_model
+
+
+class TokenTransformer(nn.Module):
+    def __init__(self, vocab=1000, d_model=256, heads=8, layers=4, classes=10):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+def make(name: str, batch: int, width: float, seq: int, device, dtype, gen):
+    w = lambda n: max(1, int(round(n * width)))  # noqa: E731
+    if name == "mlp":
+        model, x, classes = build_model("mlp", (3, 32, 32), 10, hidden=w(1024)), torch.randn(batch, 3, 32, 32, generator=gen), 10
+    elif name == "convnet3":
+        model, x, classes = build_model("convnet3", (3, 32, 32), 10, channels=w(64)), torch.randn(batch, 3, 32, 32, generator=gen), 10
+    elif name == "alexnet":
+        model, x, classes = build_model("alexnet", (3, 32, 32), 100, width=width), torch.randn(batch, 3, 32, 32, generator=gen), 100
+    elif name == "resnet18":
+        model, x, classes = build_model("resnet18", (3, 32, 32), 100, width=width), torch.randn(batch, 3, 32, 32, generator=gen), 100
+    elif name == "transformer":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = TokenTransformer(d_model=w(256), heads=8 if w(256) % 8 == 0 else 1)
+        x, classes = torch.randint(0, 1000, (batch, seq), generator=gen), 10
+    else:
+        raise SystemExit(f"unknown model {name!r}")
+    y = torch.randint(0, classes, (batch,), generator=gen)
+    model = model.to(device=device, dtype=dtype).eval()
+    x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+    return model, x, y.to(device), classes
 
 
 def timed(fn, repeats, device):
@@ -37,73 +86,96 @@ def timed(fn, repeats, device):
     return statistics.median(times)
 
 
+def routes(model, x, y, classes):
+    def step():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    def step_recorder():
+        model.zero_grad(set_to_none=True)
+        with gradstats.recorder(model, labels=y, num_classes=classes) as rec:
+            F.cross_entropy(model(x), y).backward()
+        return rec.stats(per_example_norms=True)
+
+    def one_shot():
+        return gradstats.gradient_stats(model, x, y, num_classes=classes)
+
+    def vmap_route():
+        from torch.func import functional_call, grad, vmap
+
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def f(p, xi, yi):
+            return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+        g = vmap(grad(f), in_dims=(None, 0, 0))(params, x, y)
+        return {k: v.flatten(1).norm(dim=1) for k, v in g.items()}
+
+    return step, step_recorder, one_shot, vmap_route
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--d-in", type=int, default=3072)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--models", default="mlp,convnet3,alexnet,resnet18,transformer")
+    ap.add_argument("--batch", default="256,1024")
+    ap.add_argument("--width", type=float, default=1.0)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--skip-vmap", action="store_true", help="skip the vmap oracle (n x params memory)")
-    ap.add_argument("--skip-loop", action="store_true", help="skip the per-example loop")
-    ap.add_argument("--oracle", action="store_true",
-                    help="also time gradient_stats_oracle (pairwise definitions: n^2 d float64 work, minutes on CPU)")
+    ap.add_argument("--skip-vmap", action="store_true", help="skip the vmap route (n x params memory)")
+    ap.add_argument("--profile", default=None, help="print the torch profiler's top operators for this model")
+    ap.add_argument("--check", action="store_true", help="compare recorder and one-shot statistics first")
     args = ap.parse_args()
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(args.d_in, args.hidden, bias=False), nn.ReLU(),
-                          nn.Linear(args.hidden, args.classes, bias=False)).to(device=device, dtype=dtype)
-    x = torch.randn(args.batch, args.d_in, generator=gen).to(device=device, dtype=dtype)
-    y = torch.randint(0, args.classes, (args.batch,), generator=gen).to(device)
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-
-    rows = [("training step (fwd+bwd, reference)", timed(step, args.repeats, device))]
-    for method in ("auto", "explicit"):
-        rows.append((f"gradient_stats method={method}",
-                     timed(lambda: gradient_stats(model, x, y, method=method), args.repeats, device)))
-    rows.append(("gradient_sums (mergeable, vectors kept)",
-                 timed(lambda: gradient_sums(model, x, y), args.repeats, device)))
-    params = [p for p in model.parameters()]
-
-    def loop_materialise():
-        return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-            F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)]) for i in range(args.batch)])
-
-    def vmap_materialise():
-        from torch.func import functional_call, grad, vmap
-
-        pd = {k: v.detach() for k, v in model.named_parameters()}
-
-        def f(p, xi, yi):
-            return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
-
-        return vmap(grad(f), in_dims=(None, 0, 0))(pd, x, y)
-
-    if not args.skip_loop:
-        rows.append(("per-example grads, loop (materialise only)", timed(loop_materialise, 1, device)))
-    if not args.skip_vmap:
-        rows.append(("per-example grads, vmap (materialise only)", timed(vmap_materialise, 1, device)))
-    if args.oracle:
-        rows.append(("gradient_stats_oracle how=loop (full)",
-                     timed(lambda: gradient_stats_oracle(model, x, y, how="loop"), 1, device)))
-    fast = rows[1][1]
-    step_t = rows[0][1]
+    names = [m for m in args.models.split(",") if m]
+    batches = [int(b) for b in args.batch.split(",") if b]
     threads = torch.get_num_threads()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {threads} threads"
-    print(f"# MLP {args.d_in}->{args.hidden}->{args.classes} no bias, batch {args.batch}, {args.dtype}, "
-          f"device {name}, torch {torch.__version__}")
-    print(f"| {'route':44s} | {'time (ms)':>10s} | {'x train step':>12s} | {'x gradient_stats':>16s} |")
-    print(f"|{'-' * 46}|{'-' * 12}|{'-' * 14}|{'-' * 18}|")
-    for label, t in rows:
-        print(f"| {label:44s} | {t * 1e3:10.1f} | {t / step_t:12.2f} | {t / fast:16.2f} |")
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU {platform.processor() or platform.machine()}, {threads} threads"
+    print(f"# {dev_name}, torch {torch.__version__}, {args.dtype}, width x{args.width}, "
+          f"transformer seq {args.seq}, median of {args.repeats}")
+    print("| model | batch | plain step ms | step + recorder ms (x step) | one-shot gradient_stats ms (x step) "
+          "| vmap per-example norms ms (x step) |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        for batch in batches:
+            model, x, y, classes = make(name, batch, args.width, args.seq, device, dtype, gen)
+            step, rec, one, vm = routes(model, x, y, classes)
+            if args.check:
+                a, b = rec(), one()
+                worst = max(abs(a[k]["omega"] - b[k]["omega"]) for k in b if b[k]["omega"] is not None)
+                print(f"# check {name} {batch}: max |omega recorder - one-shot| = {worst:.2e}")
+            if args.profile == name:
+                from torch.profiler import ProfilerActivity, profile
+
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+                rec()
+                with profile(activities=acts) as prof:
+                    rec()
+                key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+                print(prof.key_averages().table(sort_by=key, row_limit=15))
+            t_step = timed(step, args.repeats, device)
+            t_rec = timed(rec, args.repeats, device)
+            t_one = timed(one, args.repeats, device)
+            if args.skip_vmap:
+                vm_cell = "skipped"
+            else:
+                try:
+                    t_vm = timed(vm, max(1, args.repeats // 2), device)
+                    vm_cell = f"{t_vm * 1e3:.2f} ({t_vm / t_step:.1f}x)"
+                except (RuntimeError, MemoryError) as exc:  # out of memory: n x params
+                    vm_cell = f"failed ({type(exc).__name__})"
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            print(f"| {name} | {batch} | {t_step * 1e3:.2f} | {t_rec * 1e3:.2f} ({t_rec / t_step:.2f}x) | "
+                  f"{t_one * 1e3:.2f} ({t_one / t_step:.2f}x) | {vm_cell} |", flush=True)
+            del model, x, y
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
