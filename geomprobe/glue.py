@@ -56,7 +56,9 @@ class GlueResult:
     sqrt(E ||s1||^2) / ||s0||, manifold_dimension = E[(t . s1 / ||s1||)^2]; n_no_anchor[mu] = samples
     in which manifold mu had zero dual mass (no anchor). kkt_residual_max: largest relative KKT
     residual of the fast path (0 for solver="cvxpy"); n_cvxpy_fallback: fast-path samples re-solved
-    by cvxpy because their residual exceeded KKT_TOL.
+    by cvxpy because their residual exceeded KKT_TOL. a, b, c: the per-sample quadratic forms
+    (their standard errors give the sampling error: capacity's relative error ~ std(a) / (E_a
+    sqrt(n_t))); n_active_mean: mean number of non-zero duals per sample.
     """
     capacity: float
     radius: float
@@ -75,6 +77,9 @@ class GlueResult:
     E_a: float
     E_b: float
     E_c: float
+    a: np.ndarray
+    b: np.ndarray
+    c: np.ndarray
     P: int
     N: int
     n_t: int
@@ -110,12 +115,21 @@ def glue_analysis(X, labels=None, *, dichotomies="random", kappa: float = 0.0, n
     if center:
         X0 -= X0.mean(axis=0)
     sizes = np.asarray(man.sizes, dtype=np.int64)
-    pc = np.repeat(np.arange(P), sizes)
-    n = X0.shape[0]
     s_t, s_y = np.random.SeedSequence(int(rng.integers(0, 2**63 - 1))).spawn(2)
     T = np.random.default_rng(s_t).standard_normal((n_t, N))
     g_y = np.random.default_rng(s_y)
     Y = np.array([draw_dichotomy(kind, P, g_y, y_fixed) for _ in range(n_t)])
+    return _glue(X0, sizes, T, Y, kappa, kind, solver)
+
+
+def _glue(X0: np.ndarray, sizes: np.ndarray, T: np.ndarray, Y: np.ndarray, kappa: float, kind: str,
+          solver: str) -> GlueResult:
+    """GLUE measures of the stacked points X0 (n, N; manifold mu = the next sizes[mu] rows) for the
+    given draws T (n_t, N) and Y (n_t, P) of +-1."""
+    P = sizes.size
+    n_t = T.shape[0]
+    pc = np.repeat(np.arange(P), sizes)
+    n = X0.shape[0]
     XT = X0 @ T.T                                   # (n, n_t)
     SGN = np.ascontiguousarray(Y[:, pc])            # (n_t, n)
     B = np.ascontiguousarray(kappa - SGN * XT.T)    # dual linear term per sample
@@ -201,6 +215,14 @@ def _quad_pinv(G: np.ndarray, v: np.ndarray) -> float:
     """v^T G^+ v for a symmetric positive semi-definite G (eigenvalues below _PINV_RTOL x max left out)."""
     if G.shape[0] == 0:
         return 0.0
+    try:                        # well-conditioned (the usual case): Cholesky, else eigen-decomposition
+        Lc = np.linalg.cholesky(G)
+        d = np.diag(Lc)
+        if d.min() ** 2 > 1e-8 * np.diag(G).max():
+            u = np.linalg.solve(Lc, v)   # triangular, small
+            return float(u @ u)
+    except np.linalg.LinAlgError:
+        pass
     e, U = np.linalg.eigh(G)
     top = e.max()
     if not top > 0.0:
@@ -230,7 +252,9 @@ def _measures(X0, K, pc, sizes, T, XT, LAM, kappa, kind, solver, res_max, n_fb, 
     G0 = s0 @ s0.T
     S0T = s0 @ T.T                                               # (P, n_t)
     n0 = np.sqrt(np.maximum(np.diag(G0), 0.0))
-    Ea = Eb = Ec = 0.0
+    A_s = np.zeros(n_t)
+    B_s = np.zeros(n_t)
+    C_s = np.zeros(n_t)
     ax_sum = np.zeros((P, P))
     ax_abs = np.zeros((P, P))
     ax_cnt = np.zeros((P, P))
@@ -261,9 +285,9 @@ def _measures(X0, K, pc, sizes, T, XT, LAM, kappa, kind, solver, res_max, n_fb, 
         G0r = G0[np.ix_(r, r)]
         G1 = GS - SS0 - SS0.T + G0r
         G1 = 0.5 * (G1 + G1.T)
-        Ea += _quad_pinv(GS, St - kappa)
-        Eb += _quad_pinv(G1, S1t)
-        Ec += _quad_pinv(G0r + G1, S1t)
+        A_s[s] = _quad_pinv(GS, St - kappa)
+        B_s[s] = _quad_pinv(G1, S1t)
+        C_s[s] = _quad_pinv(G0r + G1, S1t)
         n1 = np.sqrt(np.maximum(np.diag(G1), 0.0))
         ok1 = n1 > 1e-12 * np.maximum(n0[r], 1e-300)
         # axis alignment: cos(s1_mu, s1_nu) for pairs with non-zero axes
@@ -286,9 +310,7 @@ def _measures(X0, K, pc, sizes, T, XT, LAM, kappa, kind, solver, res_max, n_fb, 
         r2_sum[r] += n1 ** 2
         d_sum[r] += np.where(ok1, S1t ** 2 / np.where(ok1, n1, 1.0) ** 2, 0.0)
         d_cnt[r] += ok1
-    Ea /= n_t
-    Eb /= n_t
-    Ec /= n_t
+    Ea, Eb, Ec = float(A_s.mean()), float(B_s.mean()), float(C_s.mean())
     capacity = P / Ea if Ea > 0 else np.inf
     dimension = Eb / P
     radius = float(np.sqrt(Ec / (Eb - Ec))) if Eb - Ec > 0 else (np.inf if Ec > 0 else np.nan)
@@ -319,7 +341,7 @@ def _measures(X0, K, pc, sizes, T, XT, LAM, kappa, kind, solver, res_max, n_fb, 
         center_alignment=ca, center_alignment_abs=ca_a, axis_alignment=axa, axis_alignment_abs=axa_a,
         center_axis_alignment=caa, center_axis_alignment_abs=caa_a, manifold_radius=m_rad,
         manifold_radius_ratio_of_means=m_rom, manifold_dimension=m_dim, n_no_anchor=n_no.astype(np.int64),
-        E_a=float(Ea), E_b=float(Eb), E_c=float(Ec), P=int(P), N=int(N), n_t=int(n_t), kappa=float(kappa),
+        E_a=Ea, E_b=Eb, E_c=Ec, a=A_s, b=B_s, c=C_s, P=int(P), N=int(N), n_t=int(n_t), kappa=float(kappa),
         dichotomies=kind, solver=solver, kkt_residual_max=float(res_max), n_cvxpy_fallback=int(n_fb),
         n_active_mean=float(n_active / n_t), notes=tuple(notes),
     )

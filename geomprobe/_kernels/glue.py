@@ -29,131 +29,144 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .mftma_anchors import _accept_or_step, _chol_rebuild, _chol_solve
+from .mftma_anchors import _accept_or_step, _chol_solve
+from .mftma_simcap import _chol_delete
 
 _DEP_TOL = 1e-11      # Cholesky pivot test (fraction of the squared column norm), as mftma_anchors
 _VIOL_TOL = 1e-13     # violator threshold, relative to max |b|
 
 
 @njit(cache=True, nogil=True)
-def _lh_warm(G, b, z, nw, max_iter, passive, excluded, idx, keep, L, rhs, yv, w):
-    """Lawson-Hanson on min 1/2 z^T G z - b^T z, z >= 0, over the first nw columns, warm-started
-    from the feasible z (its positive entries form the first passive set). Returns the number of
-    inner iterations, or -1 if max_iter was reached."""
-    tol = 0.0
-    for i in range(nw):
-        passive[i] = False
-        excluded[i] = False
-        if abs(b[i]) > tol:
-            tol = abs(b[i])
-    tol *= 1e-13
-    k = 0
-    for i in range(nw):
-        if z[i] > 0.0:
-            idx[k] = i
-            k += 1
-        else:
-            z[i] = 0.0
-    k = _chol_rebuild(G, idx, k, L, keep)
+def _solve_b(L, k, idx, b, rhs, yv):
+    """yv = least-squares solution on the passive set idx[:k] (G_PP yv = b_P via the factor L)."""
     for q in range(k):
-        passive[idx[q]] = True
-    for i in range(nw):
-        if not passive[i]:
+        rhs[q] = b[idx[q]]
+    _chol_solve(L, k, rhs, yv)
+
+
+@njit(cache=True, nogil=True)
+def _drop_zeros_b(L, k, idx, z, passive):
+    """Drop the passive columns whose coefficient reached zero (Givens downdates of L)."""
+    for q in range(k - 1, -1, -1):
+        i = idx[q]
+        if not z[i] > 0.0:
             z[i] = 0.0
-    it = 0
-    # move from the warm start to the least-squares solution of its passive set
+            passive[i] = False
+            _chol_delete(L, k, q)
+            for t in range(q, k - 1):
+                idx[t] = idx[t + 1]
+            k -= 1
+    return k
+
+
+@njit(cache=True, nogil=True)
+def _to_ls(L, k, idx, b, z, passive, excluded, nw, rhs, yv, it, max_iter):
+    """Lawson-Hanson inner loop from a feasible z to the least-squares solution of its passive set.
+    Returns (k, it, status)."""
     while k > 0:
         it += 1
         if it > max_iter:
-            return -1
-        for q in range(k):
-            rhs[q] = b[idx[q]]
-        _chol_solve(L, k, rhs, yv)
+            return k, it, 1
+        _solve_b(L, k, idx, b, rhs, yv)
         if _accept_or_step(yv, z, idx, k):
-            break
-        kk = 0
-        for q in range(k):
-            i = idx[q]
-            if z[i] > 0.0:
-                idx[kk] = i
-                kk += 1
-            else:
-                z[i] = 0.0
-                passive[i] = False
-        k = _chol_rebuild(G, idx, kk, L, keep)
+            return k, it, 0
+        k = _drop_zeros_b(L, k, idx, z, passive)
         for i in range(nw):
-            passive[i] = False
-        for q in range(k):
-            passive[idx[q]] = True
-        for i in range(nw):
-            if not passive[i]:
-                z[i] = 0.0
+            excluded[i] = False
+    return k, it, 0
+
+
+@njit(cache=True, nogil=True)
+def _lh_block(G, b, z, nw, kst, L, idx, passive, excluded, rhs, yv, w, cand, dep, block0, max_iter):
+    """Lawson-Hanson on min 1/2 z^T G z - b^T z, z >= 0, over the first nw columns, continuing the
+    converged state of a smaller working set (passive set idx[:kst[0]] with Cholesky factor L; the new
+    columns start at z = 0, so the state stays feasible). Up to block0 columns enter per gradient
+    pass, largest gradient first; entering columns whose least-squares coefficient is not positive
+    leave again (most negative first); when a whole block fails, one column enters per pass (and a
+    single failing column is excluded, as in Lawson-Hanson). Returns the number of inner iterations,
+    or -1 if max_iter was reached. kst[0] is updated."""
+    k = kst[0]
+    tol = 0.0
+    for i in range(nw):
+        excluded[i] = False
+        if abs(b[i]) > tol:
+            tol = abs(b[i])
+    tol *= _VIOL_TOL
+    it = 0
+    block = block0
     while True:
         for i in range(nw):
             acc = b[i]
             for q in range(k):
                 acc -= G[i, idx[q]] * z[idx[q]]
             w[i] = acc
-        j = -1
-        best = tol
+        nc = 0
         for i in range(nw):
-            if (not passive[i]) and (not excluded[i]) and w[i] > best:
-                best = w[i]
-                j = i
-        if j < 0:
+            if (not passive[i]) and (not excluded[i]) and w[i] > tol:
+                cand[nc] = i
+                nc += 1
+        if nc == 0:
             break
-        for r in range(k):
-            acc = G[idx[r], j]
-            for c in range(r):
-                acc -= L[r, c] * L[k, c]
-            L[k, r] = acc / L[r, r]
-        d2 = G[j, j]
-        for c in range(k):
-            d2 -= L[k, c] * L[k, c]
-        if not (d2 > _DEP_TOL * G[j, j] and d2 > 0.0):
-            excluded[j] = True
-            continue
-        L[k, k] = np.sqrt(d2)
-        idx[k] = j
-        k += 1
-        passive[j] = True
-        first = True
-        while True:
+        nb = min(nc, block)
+        vals = np.empty(nc)
+        for t in range(nc):
+            vals[t] = -w[cand[t]]
+        order = np.argsort(vals, kind="mergesort")
+        k0 = k
+        ndep = 0
+        for t in range(nb):
+            j = cand[order[t]]
+            for r in range(k):
+                acc = G[idx[r], j]
+                for c in range(r):
+                    acc -= L[r, c] * L[k, c]
+                L[k, r] = acc / L[r, r]
+            d2 = G[j, j]
+            for c in range(k):
+                d2 -= L[k, c] * L[k, c]
+            if not (d2 > _DEP_TOL * G[j, j] and d2 > 0.0):
+                excluded[j] = True
+                dep[ndep] = j
+                ndep += 1
+                continue
+            L[k, k] = np.sqrt(d2)
+            idx[k] = j
+            k += 1
+            passive[j] = True
+        while k > k0:
             it += 1
             if it > max_iter:
+                kst[0] = k
                 return -1
-            for q in range(k):
-                rhs[q] = b[idx[q]]
-            _chol_solve(L, k, rhs, yv)
-            if first and yv[k - 1] <= 0.0:
-                k -= 1
-                passive[j] = False
+            _solve_b(L, k, idx, b, rhs, yv)
+            qmin = -1
+            ymin = 0.0
+            for q in range(k0, k):
+                if yv[q] <= ymin:
+                    ymin = yv[q]
+                    qmin = q
+            if qmin < 0:
+                break
+            j = idx[qmin]
+            passive[j] = False
+            if block == 1:
                 excluded[j] = True
-                break
-            first = False
-            if _accept_or_step(yv, z, idx, k):
-                break
-            kk = 0
-            for q in range(k):
-                i = idx[q]
-                if z[i] > 0.0:
-                    idx[kk] = i
-                    kk += 1
-                else:
-                    z[i] = 0.0
-                    passive[i] = False
-            k = _chol_rebuild(G, idx, kk, L, keep)
-            for i in range(nw):
-                passive[i] = False
-            for q in range(k):
-                passive[idx[q]] = True
-            for i in range(nw):
-                if not passive[i]:
-                    z[i] = 0.0
-            for i in range(nw):
-                excluded[i] = False
-            if k == 0:
-                break
+            for t in range(ndep):
+                excluded[dep[t]] = False
+            ndep = 0
+            _chol_delete(L, k, qmin)
+            for t in range(qmin, k - 1):
+                idx[t] = idx[t + 1]
+            k -= 1
+        if k == k0:
+            block = 1
+            continue
+        block = block0
+        k, it, status = _to_ls(L, k, idx, b, z, passive, excluded, nw, rhs, yv, it, max_iter)
+        if status:
+            kst[0] = k
+            return -1
+    kst[0] = k
     return it
 
 
@@ -196,11 +209,13 @@ def joint_dual(K, X, use_k, sgn, b, lam, block, max_iter):
     passive = np.zeros(cap, np.bool_)
     excluded = np.zeros(cap, np.bool_)
     idx = np.empty(cap, np.int64)
-    keep = np.empty(cap, np.bool_)
-    L = np.empty((cap, cap))
+    dep = np.empty(cap, np.int64)
+    wcand = np.empty(cap, np.int64)
+    L = np.empty((cap + 1, cap + 1))
     rhs = np.empty(cap)
     yv = np.empty(cap)
     ww = np.empty(cap)
+    kst = np.zeros(1, np.int64)
     cand = np.empty(n, np.int64)
     u = np.zeros(N)
     rounds = 0
@@ -236,11 +251,18 @@ def joint_dual(K, X, use_k, sgn, b, lam, block, max_iter):
             b2 = np.empty(cap)
             b2[:nw] = bw[:nw]
             bw = b2
-            passive = np.zeros(cap, np.bool_)
+            p2 = np.zeros(cap, np.bool_)
+            p2[:nw] = passive[:nw]
+            passive = p2
             excluded = np.zeros(cap, np.bool_)
-            idx = np.empty(cap, np.int64)
-            keep = np.empty(cap, np.bool_)
-            L = np.empty((cap, cap))
+            i2 = np.empty(cap, np.int64)
+            i2[:kst[0]] = idx[:kst[0]]
+            idx = i2
+            dep = np.empty(cap, np.int64)
+            wcand = np.empty(cap, np.int64)
+            L2 = np.empty((cap + 1, cap + 1))
+            L2[:kst[0], :kst[0]] = L[:kst[0], :kst[0]]
+            L = L2
             rhs = np.empty(cap)
             yv = np.empty(cap)
             ww = np.empty(cap)
@@ -256,7 +278,7 @@ def joint_dual(K, X, use_k, sgn, b, lam, block, max_iter):
                 Gw[q, nw] = g
                 Gw[nw, q] = g
             nw += 1
-        r = _lh_warm(Gw, bw, zw, nw, max_iter, passive, excluded, idx, keep, L, rhs, yv, ww)
+        r = _lh_block(Gw, bw, zw, nw, kst, L, idx, passive, excluded, rhs, yv, ww, wcand, dep, 32, max_iter)
         if r < 0:
             status = 1
             break
