@@ -467,6 +467,38 @@ def block_class_sq(blk, lay: ClassLayout, W: torch.Tensor, method: str, budget: 
     return cls, _sqsum(total.view(G, r, p, q), (0, 2, 3))
 
 
+def fused_factor_sums(blk: Factors, lay: ClassLayout, budget: int):
+    """One pass for a tensor made of one ``Factors`` block with T > 1 (convolutions, sequences):
+    over class-sorted chunks of examples form G_i = D_i^T A_i (one batched product, the cost of the
+    backward's weight gradient), and from it ||g_i||^2 and, per class and overall,
+    ||sum g_i||^2 and ||sum g_i/||g_i|| ||^2. Returns (sq (n,), cls (K, 2), tot (2,)) in the block's
+    dtype. Replaces a per-example norm pass plus two per-class products (three times the cost)."""
+    D, A = blk.D, blk.A
+    n, G, T, p = D.shape
+    q = A.shape[3]
+    d = G * p * q
+    order, bounds = lay.segments()
+    sq = torch.empty(n, dtype=D.dtype, device=D.device)
+    cls = torch.zeros(lay.K, 2, dtype=D.dtype, device=D.device)
+    total = torch.zeros(2, d, dtype=D.dtype, device=D.device)
+    step = max(1, budget // max(1, d))
+    for k, (a, b) in enumerate(bounds):
+        if b == a:
+            continue
+        acc = torch.zeros(2, d, dtype=D.dtype, device=D.device)
+        for s in range(a, b, step):
+            idx = order[s:min(b, s + step)]
+            m = idx.shape[0]
+            Gc = torch.bmm(D[idx].reshape(m * G, T, p).transpose(1, 2), A[idx].reshape(m * G, T, q)).view(m, d)
+            sqc = Gc.pow(2).sum(1)
+            sq[idx] = sqc
+            w = torch.where(sqc > 0, sqc.clamp_min(torch.finfo(sqc.dtype).tiny).rsqrt(), torch.zeros_like(sqc))
+            acc += torch.stack([torch.ones_like(w), w]) @ Gc
+        cls[k] = acc.pow(2).sum(1)
+        total += acc
+    return sq, cls, total.pow(2).sum(1)
+
+
 def block_class_vectors(blk, lay: ClassLayout, W: torch.Tensor) -> torch.Tensor:
     """(K, r, block numel): per class sum_{i in c} W_ir g_i (block dtype)."""
     K, r = lay.K, W.shape[1]

@@ -25,8 +25,8 @@ from geomprobe._validation import InputError
 
 from .engine import (DEFAULT_BUDGET, METHODS, Capture, ClassLayout, block_class_sq, block_class_vectors,
                      block_materialise, block_numel, block_offset, block_sq, check_no_coupling, contributions,
-                     select_targets)
-from .rules import Explicit
+                     fused_factor_sums, select_targets)
+from .rules import Explicit, Factors
 from .sums import TensorSums
 
 __all__ = ["GradientRecorder", "recorder"]
@@ -123,9 +123,15 @@ class GradientRecorder:
         device = _device(next(iter(blocks.values()))[0])
         labels = self.labels if self.labels is not None else np.zeros(n, np.int64)
         classes, codes = class_codes(labels, n, device, self.num_classes)
-        sq = {k: sum(block_sq(b, self.budget).double() for b in bl) for k, bl in blocks.items()}
-        self._cache.update(blocks=blocks, shapes=shapes, classes=classes,
-                           lay=ClassLayout(codes, len(classes)), sq=sq)
+        lay = ClassLayout(codes, len(classes))
+        sq, fused = {}, {}
+        for k, bl in blocks.items():
+            if len(bl) == 1 and isinstance(bl[0], Factors) and bl[0].D.shape[2] > 1 and self.method != "gram":
+                s_, cls, tot = fused_factor_sums(bl[0], lay, self.budget)
+                sq[k], fused[k] = s_.double(), (cls.double(), tot.double())
+            else:
+                sq[k] = sum(block_sq(b, self.budget).double() for b in bl)
+        self._cache.update(blocks=blocks, shapes=shapes, classes=classes, lay=lay, sq=sq, fused=fused)
         return self._cache
 
     # -- results --------------------------------------------------------------------------------
@@ -191,10 +197,15 @@ class GradientRecorder:
             else:
                 cls = torch.zeros(K, W.shape[1], dtype=torch.float64, device=w.device)
                 tot = torch.zeros(W.shape[1], dtype=torch.float64, device=w.device)
-                for b in blocks[k]:
-                    a, t = block_class_sq(b, lay, W, self.method, self.budget)
-                    cls += a.double()
-                    tot += t.double()
+                done = 0
+                if k in c["fused"]:  # columns ones and 1/||g_i|| came with the norms
+                    cls[:, :2], tot[:2] = c["fused"][k]
+                    done = 2
+                if done < W.shape[1]:
+                    for b in blocks[k]:
+                        a, t = block_class_sq(b, lay, W[:, done:], self.method, self.budget)
+                        cls[:, done:] += a.double()
+                        tot[done:] += t.double()
                 packs.append(torch.cat(per + [cls.reshape(-1), tot]))
             metas.append((k, W.shape[1]))
         if w_all is not None:
