@@ -134,3 +134,90 @@ def test_hinted_search_gives_the_same_critical_n_for_any_hint(case, rng):
         for hint in (2, 4, 5, plain - 9, plain - 1, plain, plain + 1, plain + 17, N - 1, N, N + 5):
             got = _Trial(X0, pc, len(Xs), np.random.SeedSequence([s, 2])).critical_n(hint)
             assert got == plain, (s, hint, got, plain)
+
+
+# ----------------------------------------------------------------- scale invariance (issue 14)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from geomprobe.mftma.simcap import _normalise, check_dichotomies  # noqa: E402
+
+
+def _scale_case():
+    # issue 14's case: 10 classes x 5 points x 100 features (gave 1.19 at 1e-6, NaN at <= 1e-9 and
+    # 1.667 at >= 1e6 before the data were normalised)
+    g = np.random.default_rng(14)
+    C = 3.0 * g.standard_normal((10, 100))
+    X = np.concatenate([C[i] + g.standard_normal((5, 100)) for i in range(10)])
+    return X, np.repeat(np.arange(10), 5)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.floats(-12.0, 12.0))
+def test_capacity_is_scale_invariant(log_scale):
+    X, y = _scale_case()
+    base = empirical_capacity(X, y, n_rep=10, seed=3)
+    scaled = empirical_capacity(X * 10.0 ** log_scale, y, n_rep=10, seed=3)
+    assert np.isfinite(base.capacity)
+    np.testing.assert_array_equal(scaled.critical_n, base.critical_n)
+    assert scaled.capacity == base.capacity
+
+
+def test_normalisation_is_a_power_of_two():
+    X, _ = _scale_case()
+    X0 = X - X.mean(axis=0)
+    for e in (-40, -3, 0, 5, 40):
+        Z = _normalise(np.ldexp(X0, e))
+        np.testing.assert_array_equal(Z, _normalise(X0.copy()))   # exact: only the exponent moves
+    rms = np.sqrt(np.mean(_normalise(X0.copy()) ** 2))
+    assert 2 ** -0.5 <= rms <= 2 ** 0.5
+    unit = X0 / np.sqrt(np.mean(X0 ** 2)) * 1.2                   # already of order 1: unchanged
+    np.testing.assert_array_equal(_normalise(unit.copy()), unit)
+
+
+# ----------------------------------------------------------------- dichotomy ensembles, no bias
+
+def test_dichotomy_ensembles_draw_what_they_say(rng):
+    Xs, X0, pc = _search_inputs("random", rng)
+    P = len(Xs)
+    for s in range(20):
+        seq = np.random.SeedSequence([s, 3])
+        ovr = _Trial(X0, pc, P, seq, "one_vs_rest").y
+        assert len(np.unique(pc[ovr > 0])) == 1 and np.all(ovr[pc != pc[ovr > 0][0]] == -1)
+        rnd = _Trial(X0, pc, P, seq, "random").y
+        assert len(np.unique(pc[rnd > 0])) == P // 2
+    fixed = np.where(np.arange(P) % 3 == 0, 1.0, -1.0)
+    assert np.array_equal(_Trial(X0, pc, P, np.random.SeedSequence(1), "fixed", fixed).y, fixed[pc])
+    kind, f = check_dichotomies(list(fixed.astype(int)), P)
+    assert kind == "fixed" and np.array_equal(f, fixed)
+
+
+def test_one_vs_rest_and_fixed_capacities(rng):
+    X, y = _scale_case()
+    ovr = empirical_capacity(X, y, n_rep=10, seed=0, dichotomies="one_vs_rest")
+    fixed = empirical_capacity(X, y, n_rep=10, seed=0, dichotomies=np.r_[np.ones(5), -np.ones(5)])
+    rnd = empirical_capacity(X, y, n_rep=10, seed=0)
+    assert np.isfinite(ovr.capacity) and np.isfinite(fixed.capacity)
+    # one class against the rest with a bias is easier to separate than a balanced split
+    assert ovr.capacity > rnd.capacity
+    with pytest.raises(InputError, match=r"dichotomies must hold only \+1 and -1, got 2"):
+        empirical_capacity(X, y, dichotomies=np.r_[2, np.ones(9)])
+
+
+@pytest.mark.parametrize("case", ["a", "random"])
+def test_no_bias_search_matches_lp(case, rng):
+    # bias=False: separability through the origin; the warm-started search must agree with the LP
+    Xs, X0, pc = _search_inputs(case, rng)
+    N = X0.shape[1]
+    for s in range(4):
+        t = _Trial(X0, pc, len(Xs), np.random.SeedSequence([s, 4]), bias=False)
+        warm = t.critical_n()
+        t2 = _Trial(X0, pc, len(Xs), np.random.SeedSequence([s, 4]), bias=False)
+        assert t2._search() == warm
+        t2.status(N)
+        A = t2.y[:, None] * np.hstack([t2.Xp, np.zeros((X0.shape[0], 1))])
+        if warm <= N:
+            assert _separable_lp(np.hstack([A[:, :warm], A[:, -1:]]))
+        if 2 < warm <= N + 1:
+            assert not _separable_lp(np.hstack([A[:, :warm - 1], A[:, -1:]]))
