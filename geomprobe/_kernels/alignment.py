@@ -11,7 +11,7 @@ from numba import prange
 
 
 
-@numba.njit(parallel=True)
+@numba.njit(parallel=True, cache=True)
 def row_sq_norms(X):
     """Squared L2 norm of every row, accumulated in float64 (sequential within a row)."""
     n, d = X.shape
@@ -28,7 +28,7 @@ def row_sq_norms(X):
 CHUNK_ROWS = 512
 
 
-@numba.njit(parallel=True)
+@numba.njit(parallel=True, cache=True)
 def class_sums(X, codes, n_classes, group, S, U, sq_norms):
     """One pass over X: per-class sums of rows (S) and of unit rows (U), and each row's squared norm.
 
