@@ -350,3 +350,78 @@ def manifold_metrics(sD1, T, kappa, max_iter):
     fails = _manifold_kernel(sD1, G, T, kappa, anchors, is_qp, max_iter)
     alpha, R, Dm = anchor_metrics(T, anchors, kappa)
     return alpha, R, Dm, is_qp.sum(), fails
+
+
+@njit(cache=True, nogil=True)
+def anchor_moments(T, anchors, kappa):
+    """Sampling standard errors of one manifold's alpha, R, D over its n_t samples (delta method).
+
+    Per sample: f_t = max(t . s~ + kappa, 0)^2 / ||s~||^2 (alpha = 1 / mean f), q_t = ||(s~_{1:D} -
+    mean s~_{1:D}) / s~_{D+1}||^2 (R^2 = mean q) and c_t = that . shat (D = D mean(c)^2), exactly
+    the terms of anchor_metrics. Returns (se_alpha, se_R, se_D, sem_f) with sem_x = sd(x) / sqrt(n_t)
+    (sample sd, ddof 1): se_alpha = alpha^2 sem_f, se_R = sem_q / (2 R) (0 when R = 0), se_D =
+    2 D |mean c| sem_c. The estimated anchor mean inside q is treated as known (O(1/n_t) effect).
+    """
+    d1, n_t = T.shape
+    D = d1 - 1
+    f = np.zeros(n_t)
+    q = np.zeros(n_t)
+    c = np.zeros(n_t)
+    mean_s = np.zeros(d1)
+    for s in range(n_t):
+        for r in range(d1):
+            mean_s[r] += anchors[r, s]
+    for r in range(d1):
+        mean_s[r] /= n_t
+    for s in range(n_t):
+        ts = 0.0
+        ss = 0.0
+        for r in range(d1):
+            ts += T[r, s] * anchors[r, s]
+            ss += anchors[r, s] * anchors[r, s]
+        mx = ts + kappa
+        if mx < 0.0:
+            mx = 0.0
+        if ss > 0.0:
+            lam = mx / ss
+            f[s] = lam * lam * ss
+        last = anchors[d1 - 1, s]
+        acc = 0.0
+        tn = 0.0
+        sn = 0.0
+        dot = 0.0
+        for r in range(D):
+            dv = (anchors[r, s] - mean_s[r]) / last
+            acc += dv * dv
+            tn += T[r, s] * T[r, s]
+            sn += anchors[r, s] * anchors[r, s]
+            dot += T[r, s] * anchors[r, s]
+        q[s] = acc
+        if tn > 0.0:
+            c[s] = dot / (np.sqrt(tn) * np.sqrt(sn + 1e-12))
+    if n_t < 2:
+        return 0.0, 0.0, 0.0, 0.0
+    sem_f = np.std(f) * np.sqrt(n_t / (n_t - 1.0)) / np.sqrt(n_t)
+    sem_q = np.std(q) * np.sqrt(n_t / (n_t - 1.0)) / np.sqrt(n_t)
+    sem_c = np.std(c) * np.sqrt(n_t / (n_t - 1.0)) / np.sqrt(n_t)
+    mf = np.mean(f)
+    se_alpha = np.inf if mf == 0.0 else sem_f / (mf * mf)
+    R = np.sqrt(np.mean(q))
+    se_R = 0.0 if R == 0.0 else sem_q / (2.0 * R)
+    se_D = 2.0 * D * abs(np.mean(c)) * sem_c
+    return se_alpha, se_R, se_D, sem_f
+
+
+@njit(cache=True, nogil=True)
+def manifold_metrics_se(sD1, T, kappa, max_iter):
+    """manifold_metrics plus the sampling standard errors of anchor_moments: (alpha, R, D, n_qp,
+    n_fail, se_alpha, se_R, se_D, sem_f). alpha, R, D are manifold_metrics' values bit for bit."""
+    d1, m = sD1.shape
+    n_t = T.shape[1]
+    G = gram(sD1)
+    anchors = np.empty((d1, n_t))
+    is_qp = np.zeros(n_t, np.bool_)
+    fails = _manifold_kernel(sD1, G, T, kappa, anchors, is_qp, max_iter)
+    alpha, R, Dm = anchor_metrics(T, anchors, kappa)
+    se_a, se_r, se_d, sem_f = anchor_moments(T, anchors, kappa)
+    return alpha, R, Dm, is_qp.sum(), fails, se_a, se_r, se_d, sem_f

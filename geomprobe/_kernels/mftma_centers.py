@@ -393,9 +393,10 @@ def fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step):
     step, y = new Riemannian gradient - old one, no vector transport; a pair is kept only when
     <s, y> > 0), initial scaling <s, y> / <y, y>, direction projected onto the tangent space (steepest
     descent when it is not a descent direction, memory cleared); unit first trial step, halved until
-    the Armijo condition holds (at most 40 halvings); QR retraction. Stops when the Riemannian
-    gradient norm is <= gtol, the step is shorter than min_step, the line search fails, or after
-    max_iter iterations. Same stopping tolerance as the CG, about 0.5x its cost evaluations.
+    the Armijo condition holds (at most 40 halvings; when that fails along a quasi-Newton direction
+    the memory is cleared and the iteration retried along -g); QR retraction. Stops when the
+    Riemannian gradient norm is <= gtol, the step is shorter than min_step, a steepest-descent line
+    search fails, or after max_iter iterations. Same stopping tolerance as the CG, about 0.5x its cost evaluations.
     """
     n, K = V0.shape
     mem = LBFGS_MEMORY
@@ -411,6 +412,7 @@ def fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step):
     cnt = 0
     head = 0
     gamma = -1.0
+    restarted = False
     it = 0
     while it < max_iter and np.sqrt(gg) > gtol:
         it += 1
@@ -440,7 +442,12 @@ def fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step):
             fn, egn = _cost_grad(Y, YT, C, Vn, True)
             halvings += 1
         if not fn <= f + LBFGS_ARMIJO * alpha * df0:
-            break
+            if cnt == 0:
+                break
+            # the quasi-Newton direction failed: forget the memory and retry along -g once
+            cnt = 0
+            gamma = -1.0
+            continue
         step = alpha * np.sqrt(_dot(d, d))
         gn = _proj_small(Vn, egn)
         s_new = d.copy()
@@ -460,7 +467,14 @@ def fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step):
         g = gn
         gg = _dot(g, g)
         if step < min_step:
-            break
+            if cnt == 0 or restarted:
+                break
+            # a vanishing quasi-Newton step (badly scaled memory): forget it and go on
+            cnt = 0
+            gamma = -1.0
+            restarted = True
+        else:
+            restarted = False
     return V, f, it, np.sqrt(gg)
 
 
