@@ -26,7 +26,11 @@ from ._common import summary_table
 DEMO_OPTIONS = dict(dataset="spheres", model="feedforward", n_classes=30, n_train_per_class=100, n_test_per_class=50,
                     ambient_dim=128, intrinsic_dim=20, radius=3.0, width=256, depth=4, eps=0.5, epochs=25,
                     batch_size=128, lr=1e-3, keep_every=5, capture_classes=30, capture_per_class=20, split_batch=256,
-                    device="cpu", progress="off")
+                    rewind=False, device="cpu", progress="off")
+# the analysis behind the printed capacities (effects.summarize; report.md states it with the
+# `geomprobe analyze` command that reproduces it): the best and final epochs' files only
+DEMO_FILES = ("best", "final")
+DEMO_ANALYSIS = dict(n_reps=2, n_t=50)  # per_class: all captured examples (capture_per_class = 20)
 
 
 def add_parser(sub) -> None:
@@ -48,6 +52,7 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=DEMO_OPTIONS["epochs"],
                    help=f"training epochs (default {DEMO_OPTIONS['epochs']}; fewer for a quick smoke test)")
     p.add_argument("--umap", action="store_true", help="also draw the UMAP figure (slower; needs umap-learn)")
+    p.add_argument("--quiet", action="store_true", help="no progress (bars in a terminal, a line every 10 s otherwise)")
     p.set_defaults(run=run)
 
 
@@ -110,22 +115,93 @@ def key_table(summary: dict, metric: str = "capacity") -> str:
     return "\n".join(lines)
 
 
+class Progress:
+    """Progress on stderr: a tqdm bar when stderr is a terminal, otherwise one log line at most every
+    ``every`` seconds and one at the end (count, elapsed, ETA), so batch jobs and pipes see it too."""
+
+    def __init__(self, total: int, desc: str, unit: str, *, quiet: bool = False, every: float = 10.0) -> None:
+        self.total, self.desc, self.unit, self.quiet, self.every = total, desc, unit, quiet, every
+        self.done, self.t0 = 0, time.perf_counter()
+        self.last = self.t0
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+
+    def update(self, done: int, info: str = "", total: int | None = None) -> None:
+        if total is not None:
+            self.total = total
+            if self.bar is not None:
+                self.bar.total = total
+        step, self.done = done - self.done, done
+        if self.bar is not None:
+            if info:
+                self.bar.set_postfix_str(info, refresh=False)
+            self.bar.update(step)
+            return
+        now = time.perf_counter()
+        if self.quiet or (now - self.last < self.every and done < self.total):
+            return
+        self.last = now
+        el = now - self.t0
+        eta = el / done * (self.total - done) if done else float("nan")
+        print(f"geomprobe demo: {self.desc} {done}/{self.total} {self.unit}s, {el:.0f} s elapsed"
+              + (f", ETA {eta:.0f} s" if done < self.total else "") + (f" ({info})" if info else ""),
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# the demo does not measure rewinding (DEMO_OPTIONS rewind=False), and says why
+_NOT_MEASURED = {
+    "rewinding_last_layers_recovers_test_accuracy":
+        "paper 003 shows rewinding for conv nets on images; in this MLP on spheres the memorisation is not in the "
+        "last layers (rewinding one recovers about 10 % of the lost test accuracy, docs/reproducing.md); "
+        "`geomprobe train label-noise-geometry --preset small` measures it on AlexNet / Fashion-MNIST",
+}
+
+
 def _run_trained(args) -> int:
+    import torch
+
     from geomprobe.trainers.effects import summarize
     from geomprobe.trainers.experiments import run_experiment
     from geomprobe.trainers.options import options_for
 
+    from .report import effects_lines
+
     out = args.out
+    quiet = getattr(args, "quiet", False)
     opts = options_for("label-noise-geometry", "tiny", dict(DEMO_OPTIONS, epochs=args.epochs), seed=args.seed)
     t0 = time.perf_counter()
     print(f"geomprobe demo: training a {opts.depth}-layer feed-forward net (width {opts.width}) on {opts.n_classes} "
           f"synthetic spheres, eps = {opts.eps} of the training labels permuted, {opts.epochs} epochs on the CPU ...",
           file=sys.stderr)
-    res = run_experiment("label-noise-geometry", opts, out, force=True, preset="demo", summarize=False)
+    bar = Progress(opts.epochs, "training", "epoch", quiet=quiet)
+    threads = torch.get_num_threads()
+    # a net this small trains as fast on one thread, and one thread does not stall when other processes
+    # share the cores (docs/reproducing.md, "The demo")
+    torch.set_num_threads(1)
+    try:
+        res = run_experiment("label-noise-geometry", opts, out, force=True, preset="demo", summarize=False,
+                             progress=lambda ep, total, rec: bar.update(ep, f"test acc {rec.get('test_acc', 0):.3f}"))
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
     t1 = time.perf_counter()
-    print(f"geomprobe demo: trained in {t1 - t0:.0f} s (best test accuracy at epoch {res['best_epoch']}); "
-          "analysing ...", file=sys.stderr)
-    summary = summarize(out, mftma=not args.no_mftma)
+    print(f"geomprobe demo: trained in {t1 - t0:.0f} s (best test accuracy at epoch {res.result['best_epoch']}); "
+          f"analysing acts_best.npz and acts_final.npz (MFTMA n_reps {DEMO_ANALYSIS['n_reps']}, n_t "
+          f"{DEMO_ANALYSIS['n_t']}, {opts.capture_per_class} examples per class) ...", file=sys.stderr)
+    bar = Progress(0, "analysis", "task", quiet=quiet)
+    try:
+        summary = summarize(out, mftma=not args.no_mftma, tags=DEMO_FILES, n_reps=DEMO_ANALYSIS["n_reps"],
+                            n_t=DEMO_ANALYSIS["n_t"], progress=lambda done, total: bar.update(done, total=total))
+    finally:
+        bar.close()
+    t2 = time.perf_counter()
     metric = "capacity" if not args.no_mftma else "rep_omega_in_class"
     d = summary["data"]
     print(f"geomprobe demo: {metric} per layer and subset at the best epoch ({d['files']['best']['epoch']}) and the "
@@ -133,18 +209,18 @@ def _run_trained(args) -> int:
           (f"; lower bound 2/M = {d['capacity_lower_bound']:.3g}" if metric == "capacity" else ""))
     print(key_table(summary, metric))
     print()
-    for e in summary["effects"]:
-        print(f"  [{'x' if e['passed'] else ' '}] {e['name']}")
+    print("\n".join(effects_lines(summary, skip=_NOT_MEASURED)))
     try:
         from geomprobe.trainers.report import build_report
 
-        path = build_report(out, umap=args.umap)
-        print(f"report: {path}")
+        path = build_report(out, umap=args.umap, quiet=True)
+        print(f"report: {path} (its section 'Analysis' gives the `geomprobe analyze` command that reproduces "
+              "these numbers)")
     except ModuleNotFoundError as exc:
         if exc.name != "matplotlib":
             raise
         print("geomprobe demo: matplotlib is not installed: no report figures (pip install 'geomprobe[report]')",
               file=sys.stderr)
     print(f"wrote {out}/analysis/metrics.json and metrics.csv, {out}/summary.json "
-          f"({time.perf_counter() - t0:.0f} s in all)")
+          f"({t1 - t0:.0f} s training, {t2 - t1:.0f} s analysis, {time.perf_counter() - t0:.0f} s in all)")
     return 0

@@ -56,8 +56,28 @@ def run(args) -> int:
     return 0
 
 
-def effects_lines(summary: dict) -> list[str]:
-    """The effects of a summary.json as printed by `geomprobe report` and `geomprobe train`."""
+def effects_lines(summary: dict, skip: dict[str, str] | None = None) -> list[str]:
+    """The effects of a summary.json as printed by `geomprobe report`, `train` and `demo`: one line per
+    effect, and under every effect not shown the reason (what was missing, or the criterion and the
+    values measured). ``skip``: effects the caller did not measure on purpose -> the reason why."""
+    from geomprobe.trainers.report import _fmt
+
     s = summary
-    lines = [f"{s['experiment']} ({s['preset']}, seed {s['seed']}): {s['n_passed']}/{s['n_effects']} effects shown"]
-    return lines + [f"  [{'x' if e['passed'] else ' '}] {e['name']}" for e in s["effects"]]
+    skip = skip or {}
+    shown = [e for e in s["effects"] if e["name"] not in skip]
+    lines = [f"{s['experiment']} ({s['preset']}, seed {s['seed']}): {sum(e['passed'] for e in shown)}/{len(shown)} "
+             "effects shown"]
+    for e in s["effects"]:
+        if e["name"] in skip:
+            lines.append(f"  [-] {e['name']}: not measured: {skip[e['name']]}")
+            continue
+        lines.append(f"  [{'x' if e['passed'] else ' '}] {e['name']}")
+        if not e["passed"]:
+            m = e.get("measured")
+            if isinstance(m, dict) and set(m) == {"missing": 0}.keys():
+                lines.append(f"      not shown: not measured, missing {m['missing']}")
+            else:
+                text = _fmt(m)
+                lines.append(f"      not shown: criterion: {e['criterion']}")
+                lines.append(f"      measured: {text if len(text) <= 400 else text[:397] + '...'}")
+    return lines

@@ -110,20 +110,24 @@ def run(args) -> int:
         if exc.name == "torch":
             raise InputError("geomprobe train needs PyTorch: pip install 'geomprobe[train]'") from None
         raise
-    result = run_experiment(name, opts, out, force=args.force, preset=args.preset)
+    run_ = run_experiment(name, opts, out, force=args.force, preset=args.preset)
     if not args.quiet:
         print(f"{name} ({args.preset}) finished: results in {out}", file=sys.stderr)
         files = sorted(str(p.relative_to(out)) for p in out.rglob("acts_*.npz"))
         print(f"activation files ({len(files)}): " + ", ".join(files[:12]) + (" ..." if len(files) > 12 else ""))
-        print(f"next: geomprobe analyze {out}/**/acts_*.npz -o {out}/analysis")
-        summary, state = out / "summary.json", out / "experiment.json"
-        if summary.is_file() and summary.stat().st_mtime_ns >= state.stat().st_mtime_ns:  # this run's, not an old one
-            from geomprobe.trainers.effects import load_summary
-
+        print(next_command(out, files))
+        if run_.summary is not None:  # this run's summary (None: it failed, said on stderr)
             from .report import effects_lines
 
-            print("\n".join(effects_lines(load_summary(out))))
+            print("\n".join(effects_lines(run_.summary)))
             if (out / "report" / "report.md").is_file():
                 print(f"report: {out / 'report' / 'report.md'} (criteria: docs/reproducing.md)")
-    del result
     return 0
+
+
+def next_command(out: Path, files: list[str]) -> str:
+    """The `geomprobe analyze` command suggested after a run: its activation files (a shell pattern) into
+    a new folder OUT/my-analysis (OUT/analysis is the summary's own cache, which `analyze` refuses to
+    overwrite)."""
+    patterns = sorted({str(out / Path(f).parent / "acts_*.npz") for f in files}) or [str(out / "acts_*.npz")]
+    return f"next: geomprobe analyze {' '.join(patterns)} -o {out / 'my-analysis'}"

@@ -274,3 +274,64 @@ def test_permute_labels_errors():
         permute_labels([0, 1], 1.5, 0)
     with pytest.raises(InputError, match="seed must be >= 0, got -1"):
         permute_labels([0, 1], 0.5, -1)
+
+
+def _cifar10_py_folder(tmp_path, rng, n=4):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _cifar_py(folder / name, n, rng)
+    return folder
+
+
+@pytest.mark.parametrize("labels, match", [
+    (list(range(3)), r"data_batch_2: 'labels' has 3 entries but 'data' has 4 images \(one label per image\)"),
+    (list(range(5)), r"data_batch_2: 'labels' has 5 entries but 'data' has 4 images"),
+    ([[0, 1], [2, 3]], r"data_batch_2: 'labels' must be a flat list of integer labels, got dtype int64 shape \(2, 2\)"),
+    ([0.5, 1.0, 2.0, 3.0], r"'labels' must be a flat list of integer labels, got dtype float64"),
+])
+def test_cifar_python_labels_must_match_images(tmp_path, rng, labels, match):
+    """Issue 14: a batch with fewer (or more, or non-integer) labels than images is refused, naming the
+    file, the rule and both counts; before, 100 images with 87 labels trained on misaligned labels."""
+    folder = _cifar10_py_folder(tmp_path, rng)
+    with open(folder / "data_batch_2", "wb") as fh:
+        pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": labels}, fh, protocol=2)
+    with pytest.raises(InputError, match=match):
+        D.load_cifar10(tmp_path)
+
+
+def test_cifar100_python_fine_labels_must_match_images(tmp_path, rng):
+    p = tmp_path / "cifar-100-python"
+    p.mkdir()
+    _cifar_py(p / "test", 2, rng, b"fine_labels", 100)
+    d = {b"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), b"fine_labels": [1, 2, 3],
+         b"coarse_labels": [1] * 6}
+    with open(p / "train", "wb") as fh:
+        pickle.dump(d, fh, protocol=2)
+    with pytest.raises(InputError, match=r"train: 'fine_labels' has 3 entries but 'data' has 6 images"):
+        D.load_cifar100(tmp_path)
+
+
+@pytest.mark.parametrize("payload, kind", [
+    # protocol-0 GLOBAL of the admitted _codecs.encode with an unknown codec name -> LookupError
+    (b"c_codecs\nencode\n(Vx\nVno-such-codec\ntR.", "LookupError"),
+    # BINUNICODE8 declaring a 2**62-byte string -> MemoryError / OverflowError before any read
+    (b"\x80\x04\x8d" + (2 ** 62).to_bytes(8, "little") + b".", "(MemoryError|OverflowError|EOFError)"),
+])
+def test_restricted_unpickler_lookup_and_memory_errors_are_input_errors(tmp_path, payload, kind):
+    p = tmp_path / "bad.pkl"
+    p.write_bytes(payload)
+    with pytest.raises(InputError, match=rf"bad.pkl: not a readable CIFAR python-release pickle \({kind}"):
+        D.restricted_load(p)
+
+
+def test_label_noise_file_damaged_or_foreign(tmp_path):
+    p = tmp_path / "label_noise.npz"
+    permute_labels(np.arange(10) % 3, 0.5, 0).save(p)
+    assert LabelNoise.load(p).n_permuted == 5
+    p.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(InputError, match=r"label_noise.npz: not a readable label-noise file \(BadZipFile"):
+        LabelNoise.load(p)
+    np.savez(p, true_labels=np.zeros(3))
+    with pytest.raises(InputError, match="not a label-noise file: missing train_labels, permuted, eps, seed"):
+        LabelNoise.load(p)

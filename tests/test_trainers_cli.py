@@ -127,7 +127,7 @@ def test_resume_experiment_after_interruption(tmp_path, monkeypatch):
         E.run_experiment("extreme-memorization", opts, tmp_path / "run")
     monkeypatch.setattr(E, "train", real_train)
     res = E.run_experiment("extreme-memorization", opts, tmp_path / "run")
-    assert res["runs"][0]["final_test_acc"] == ref["runs"][0]["final_test_acc"]
+    assert res.resumed and res.result["runs"][0]["final_test_acc"] == ref.result["runs"][0]["final_test_acc"]
     a = open_activations(tmp_path / "ref" / "sigma_0.1" / "acts_final.npz")
     b = open_activations(tmp_path / "run" / "sigma_0.1" / "acts_final.npz")
     np.testing.assert_array_equal(a.layer("act1"), b.layer("act1"))
@@ -172,3 +172,179 @@ def test_e2_half_width_config_file_restores_the_session_4_preset():
     diff = {k for k in vars(o) if getattr(o, k) != getattr(now, k)}
     assert diff == {"width_factor", "epochs", "keep_every"}
 
+
+
+# -- issue 14: trainer options and files that gave tracebacks, and what a run may touch in --out ---------
+
+E1_FAST = ["--set", "sigmas=0.1", "--set", "align_every=0", "--set", "epochs=1", "--set", "n_train=100",
+           "--set", "n_test=50", "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.parametrize("name, sets, match", [
+    ("extreme-memorization", ["sigmas=[]"], r"option sigmas must be a non-empty list of numbers > 0.*got \[\]"),
+    ("extreme-memorization", ["sigmas=-1,0"], r"option sigmas must be a list of numbers > 0.*bad: -1, 0\)"),
+    ("extreme-memorization", ["loss=mse"], r"option loss must be one of ce, hinge, squared .*got 'mse'"),
+    ("normalized-loss", ["init_stds=[0]"], r"option init_stds must be a list of numbers > 0 .*bad: 0\)"),
+    ("normalized-loss", ["random_label_std=0"], r"option random_label_std must be a number > 0, or negative"),
+    ("identity-crisis", ["rho=[2]"], r"option rho must be a list of numbers in \[0, 1\]"),
+    ("label-noise-geometry", ["eps=1.5"], r"option eps must be a number in \[0, 1\], got 1.5"),
+])
+def test_bad_option_values_exit_2_before_any_work(tmp_path, capsys, name, sets, match):
+    argv = ["train", name, "--out", str(tmp_path / "o")]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    import re
+
+    assert re.search(match, err), err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_out_pointing_at_a_file_exit_2(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    for out in (f, f / "sub"):
+        assert main(["train", "extreme-memorization", "--out", str(out)] + E1_FAST) == 2
+        assert "is not a directory" in capsys.readouterr().err
+    assert f.read_text() == "mine"
+
+
+def _tree(d):
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_train_never_destroys_files_it_did_not_write(tmp_path, capsys):
+    """Issue 14: `--out userdir` deleted train/checkpoints/mymodel.pt and overwrote summary.json etc. Now a
+    folder without a run is refused unless --force; --force never touches a file geomprobe did not write,
+    and refuses when such a file sits under a name a run writes; a later --force run deletes only what the
+    earlier run owned (its manifest), so nothing stale from it is left."""
+    from geomprobe.trainers.experiments import MANIFEST
+
+    out = tmp_path / "userdir"
+    (out / "train" / "checkpoints").mkdir(parents=True)
+    mine = {"train/checkpoints/mymodel.pt": b"my weights", "notes.txt": b"my notes"}
+    for k, v in mine.items():
+        (out / k).write_bytes(v)
+    assert main(["train", "extreme-memorization", "--out", str(out)] + E1_FAST) == 2
+    assert "holds no geomprobe run" in capsys.readouterr().err and _tree(out) == mine
+    (out / "summary.json").write_bytes(b"my summary")
+    assert main(["train", "extreme-memorization", "--out", str(out), "--force"] + E1_FAST) == 2
+    err = capsys.readouterr().err
+    assert "holds files geomprobe did not write under names a run writes (summary.json)" in err
+    assert _tree(out) == dict(mine, **{"summary.json": b"my summary"})
+    (out / "summary.json").unlink()
+    # --force next to the user's files: they stay byte for byte
+    assert main(["train", "extreme-memorization", "--out", str(out), "--force"] + E1_FAST) == 0, capsys.readouterr().err
+    tree = _tree(out)
+    assert all(tree[k] == v for k, v in mine.items())
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert sorted(manifest["foreign"]) == sorted(mine) and not set(manifest["owned"]) & set(mine)
+    assert "sigma_0.1/checkpoints/last.pt" in manifest["owned"] and "summary.json" in manifest["owned"]
+    # another run with --force: the old run's files (sigma_0.1/...) go, the user's stay
+    sets2 = [a if a != "sigmas=0.1" else "sigmas=0.2" for a in E1_FAST]
+    assert main(["train", "extreme-memorization", "--out", str(out), "--force"] + sets2) == 0, capsys.readouterr().err
+    tree = _tree(out)
+    assert all(tree[k] == v for k, v in mine.items())
+    assert not (out / "sigma_0.1").exists() and (out / "sigma_0.2" / "acts_final.npz").is_file()
+    assert sorted(json.loads((out / MANIFEST).read_text())["foreign"]) == sorted(mine)
+
+
+def _running_state(out, name, sets):
+    """experiment.json of an unfinished run with these options (what a killed run leaves)."""
+    import dataclasses
+
+    o = options_for(name, "tiny", None, sets)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.json").write_text(json.dumps({"experiment": name, "preset": "tiny", "status": "running",
+                                                     "options": dataclasses.asdict(o)}))
+
+
+def _sets(argv):
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+
+
+def _killed_e1_run(out, monkeypatch, sets, at_step):
+    """An E1 run stopped by Ctrl-C at optimizer step ``at_step`` (what a killed run leaves)."""
+    from geomprobe.trainers import experiments as E
+    from geomprobe.trainers import train as T
+
+    opts = options_for("extreme-memorization", "tiny", sets=sets, device="cpu", progress="off")
+    real_train = T.train
+
+    def dying(*a, **kw):
+        def boom(step, model):
+            if step == at_step:
+                raise KeyboardInterrupt
+        kw["on_step"] = boom
+        return real_train(*a, **kw)
+
+    monkeypatch.setattr(E, "train", dying)
+    with pytest.raises(KeyboardInterrupt):
+        E.run_experiment("extreme-memorization", opts, out, summarize=False)
+    monkeypatch.setattr(E, "train", real_train)
+
+
+def test_resume_from_damaged_checkpoint_or_label_noise_exit_2(tmp_path, monkeypatch, capsys):
+    import torch
+
+    out = tmp_path / "e1"
+    _killed_e1_run(out, monkeypatch, _sets(E1_FAST), 1)
+    ck = out / "sigma_0.1" / "checkpoints" / "last.pt"
+    state = torch.load(ck, weights_only=True)
+    torch.save(torch.zeros(3), ck)  # a bare tensor
+    assert main(["train", "extreme-memorization", "--out", str(out)] + E1_FAST) == 2
+    err = capsys.readouterr().err
+    assert "last.pt: a geomprobe checkpoint holds a dict with keys model, optimizer" in err and "holds a Tensor" in err
+    key = next(k for k in state["model"] if k.endswith("weight"))
+    state["model"][key] = torch.zeros(2, 2)  # wrong shape
+    torch.save(state, ck)
+    assert main(["train", "extreme-memorization", "--out", str(out)] + E1_FAST) == 2
+    err = capsys.readouterr().err
+    assert f"last.pt: its weights do not fit the model (shapes differ: {key} (2, 2)" in err and "Traceback" not in err
+    e2 = tmp_path / "e2"
+    e2_sets = ["epochs=1", "rewind=false"]
+    _running_state(e2, "label-noise-geometry", e2_sets)
+    (e2 / "label_noise.npz").write_bytes(b"garbage")
+    argv = ["train", "label-noise-geometry", "--out", str(e2), "--device", "cpu", "--quiet"]
+    for s in e2_sets:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "label_noise.npz: not a readable label-noise file" in err and "Traceback" not in err
+
+
+def test_resume_keeps_valid_log_lines_around_a_damaged_one(tmp_path, monkeypatch, capsys):
+    """One corrupt line in metrics.jsonl used to drop every later valid line when a run resumed."""
+    out = tmp_path / "r"
+    sets = ["sigmas=0.1", "align_every=0", "epochs=3", "n_train=100", "n_test=50"]
+    _killed_e1_run(out, monkeypatch, sets, 5)  # inside epoch 3 (2 steps per epoch)
+    log = out / "sigma_0.1" / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]
+    log.write_text(lines[0] + "\n{not json\n" + "\n".join(lines[1:]) + "\n")
+    argv = ["train", "extreme-memorization", "--out", str(out), "--device", "cpu", "--quiet"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    assert "skipped 1 unreadable line(s) (2)" in capsys.readouterr().err
+    assert [json.loads(x)["epoch"] for x in log.read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def test_train_hint_command_runs(tmp_path, capsys):
+    """The `next:` command `geomprobe train` prints runs as printed (it used to name OUT/analysis, which
+    the summary had already filled: exit 2)."""
+    import glob
+    import shlex
+
+    out = tmp_path / "run"
+    argv = ["train", "extreme-memorization", "--out", str(out)] + [a for a in E1_FAST if a != "--quiet"]
+    assert main(argv) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("next: "))
+    words = shlex.split(line[len("next: "):])
+    assert words[:2] == ["geomprobe", "analyze"]
+    files = [f for w in words[2:words.index("-o")] for f in sorted(glob.glob(w))]  # as a shell expands it
+    assert files
+    rest = words[words.index("-o"):]
+    assert main(["analyze"] + files + rest + ["--no-mftma", "--quiet"]) == 0

@@ -41,15 +41,56 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return atomic_write_bytes(path, buf.getvalue(), force=True)
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only``: no arbitrary code runs)."""
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", *, keys: Sequence[str] = ("model",)) \
+        -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only``: no arbitrary code runs).
+
+    The file must hold a dict with every key in ``keys`` (``model`` a dict of tensors); anything else (a
+    bare tensor, a foreign file) is an InputError naming the file and what it holds."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt / foreign files
         raise InputError(f"{path}: not a readable geomprobe checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ck, dict):
+        raise InputError(f"{path}: a geomprobe checkpoint holds a dict with keys {', '.join(keys)}; this file "
+                         f"holds a {type(ck).__name__}")
+    missing = [k for k in keys if k not in ck]
+    if missing:
+        raise InputError(f"{path}: not a geomprobe checkpoint: missing key(s) {', '.join(missing)} "
+                         f"(keys present: {', '.join(sorted(map(str, ck))[:12])})")
+    if "model" in keys and not (isinstance(ck["model"], dict)
+                                and all(isinstance(v, torch.Tensor) for v in ck["model"].values())):
+        raise InputError(f"{path}: 'model' must be a state dict (name -> tensor), got {type(ck['model']).__name__}")
+    return ck
+
+
+# what train() keeps to resume a run (checked when it resumes)
+RESUME_KEYS = ("model", "optimizer", "config", "epoch", "step", "rng_cpu", "history", "best_epoch", "best_acc")
+# the checkpoint names train() writes: the only files in checkpoints/ it ever deletes
+OWN_CHECKPOINT = re.compile(r"^(?:epoch_\d+|last|best)\.pt$")
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """``model.load_state_dict(state)``, a mismatch (other layers or shapes) being an InputError that names
+    the checkpoint file and the first differences."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(own[k].shape)})" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or shapes:
+        parts = ([f"missing {', '.join(missing[:4])}"] if missing else []) + \
+                ([f"unexpected {', '.join(extra[:4])}"] if extra else []) + \
+                ([f"shapes differ: {', '.join(shapes[:4])}"] if shapes else [])
+        raise InputError(f"{path}: its weights do not fit the model ({'; '.join(parts)}); the checkpoint is from "
+                         "another model or options: use another --out or --force to start over")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: its weights do not load into the model ({exc})") from None
 
 
 def epoch_checkpoints(out: str | Path) -> dict[int, Path]:

@@ -168,8 +168,11 @@ def restricted_load(path: str | os.PathLike) -> Any:
             f"{path}: refused to unpickle: {exc}; CIFAR python files hold only dicts, lists, bytes and "
             "numpy arrays"
         ) from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+    except (EOFError, ValueError, TypeError, AttributeError, LookupError, MemoryError, OverflowError, RecursionError,
+            struct.error) as exc:  # LookupError: KeyError, IndexError and unknown codecs; MemoryError: a huge length
         raise InputError(f"{path}: not a readable CIFAR python-release pickle ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 def _dict_get(d: Any, key: str, path: Path) -> Any:
@@ -186,6 +189,29 @@ def _cifar_images(data: Any, path: Path) -> np.ndarray:
     if arr.dtype != np.uint8 or arr.ndim != 2 or arr.shape[1] != 3072:
         raise InputError(f"{path}: 'data' must be uint8 (n, 3072), got dtype {arr.dtype} shape {arr.shape}")
     return arr.reshape(-1, 3, 32, 32)
+
+
+def _cifar_labels(labels: Any, key: str, path: Path) -> np.ndarray:
+    """A python batch's labels as int64 (n,): a flat list or array of integers, else an InputError."""
+    try:
+        y = np.asarray(labels)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{path}: {key!r} must be a flat list of integer labels ({exc})") from None
+    if y.size == 0:
+        y = y.astype(np.int64).reshape(0)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise InputError(f"{path}: {key!r} must be a flat list of integer labels, got dtype {y.dtype} shape {y.shape}")
+    return y.astype(np.int64)
+
+
+def _cifar_batch(data: Any, labels: Any, key: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of one python batch; the rule: one label per image."""
+    x = _cifar_images(data, path)
+    y = _cifar_labels(labels, key, path)
+    if y.shape[0] != x.shape[0]:
+        raise InputError(f"{path}: {key!r} has {y.shape[0]} entries but 'data' has {x.shape[0]} images "
+                         "(one label per image)")
+    return x, y
 
 
 def _read_cifar_bin(path: Path, n_label_bytes: int, label_index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -218,8 +244,7 @@ def load_cifar10(root: str | os.PathLike | None = None) -> Dataset:
                 parts = []
                 for f in files:
                     d = restricted_load(f)
-                    parts.append((_cifar_images(_dict_get(d, "data", f), f),
-                                  np.asarray(_dict_get(d, "labels", f), dtype=np.int64)))
+                    parts.append(_cifar_batch(_dict_get(d, "data", f), _dict_get(d, "labels", f), "labels", f))
                 return _cifar_dataset("cifar10", parts[:5], parts[5], 10, folder)
     raise _missing("cifar10", ["cifar-10-batches-bin/" + "{data_batch_1..5,test_batch}.bin",
                                "or cifar-10-batches-py/{data_batch_1..5,test_batch}"], cands)
@@ -243,8 +268,8 @@ def load_cifar100(root: str | os.PathLike | None = None, *, label: str = "fine")
                 parts = []
                 for f in files:
                     d = restricted_load(f)
-                    parts.append((_cifar_images(_dict_get(d, "data", f), f),
-                                  np.asarray(_dict_get(d, f"{label}_labels", f), dtype=np.int64)))
+                    key = f"{label}_labels"
+                    parts.append(_cifar_batch(_dict_get(d, "data", f), _dict_get(d, key, f), key, f))
                 return _cifar_dataset("cifar100", [parts[0]], parts[1], n_classes, folder)
     raise _missing("cifar100", ["cifar-100-binary/{train,test}.bin", "or cifar-100-python/{train,test}"], cands)
 

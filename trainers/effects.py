@@ -22,7 +22,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -169,14 +169,19 @@ def _experiment(out: Path) -> dict:
 
 
 def summarize(outdir: str | Path, *, mftma: bool = True, recompute: bool = False, n_reps: int = 2,
-              n_t: int = 50, seed: int | None = None, analysis_seeds: int | None = None, write: bool = True) -> dict:
+              n_t: int = 50, seed: int | None = None, analysis_seeds: int | None = None, write: bool = True,
+              tags: tuple[str, ...] | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """Measure every effect of the run in ``outdir`` and write ``outdir/summary.json`` (atomically).
 
     ``mftma``: run MFTMA on E2's activation files (else only alignment; capacity effects are then
     listed as missing); ``recompute``: analyse again even if ``outdir/analysis/metrics.json`` holds
     rows for the same files; ``n_reps``/``n_t``: MFTMA repetitions and sampled directions; ``seed``:
     the analysis seed (default: the run's seed); ``analysis_seeds``: E2's capacities are the mean over
-    this many analysis seeds (default: the run's option ``analysis_seeds``, 1 for runs without it).
+    this many analysis seeds (default: the run's option ``analysis_seeds``, 1 for runs without it);
+    ``tags``: E2, analyse only these activation files (``acts_<tag>.npz``; default all, the demo uses
+    best and final); ``progress(done, total)``: called after every finished E2 analysis task.
+    The E2 analysis options are recorded in ``summary["data"]["analysis"]`` with the ``geomprobe
+    analyze`` command line that reproduces the cached rows.
     """
     out = Path(outdir)
     exp = _experiment(out)
@@ -189,7 +194,7 @@ def summarize(outdir: str | Path, *, mftma: bool = True, recompute: bool = False
     fn = {"extreme-memorization": _e1, "label-noise-geometry": _e2, "identity-crisis": _e3,
           "normalized-loss": _e4}[name]
     kw = dict(mftma=mftma, recompute=recompute, n_reps=n_reps, n_t=n_t, seed=seed,
-              analysis_seeds=analysis_seeds) if name == "label-noise-geometry" \
+              analysis_seeds=analysis_seeds, tags=tags, progress=progress) if name == "label-noise-geometry" \
         else {}
     effects, data = fn(out, exp, missing, **kw)
     assert [e["name"] for e in effects] == EFFECT_NAMES[name]  # internal invariant, not user input
@@ -291,10 +296,12 @@ def _e1(out: Path, exp: dict, missing: list[str]):
 _TAG_ORDER = {"init": 0, "best": 2, "final": 3}
 
 
-def _e2_files(out: Path) -> list[tuple[str, Path, int]]:
+def _e2_files(out: Path, tags: tuple[str, ...] | None = None) -> list[tuple[str, Path, int]]:
     found = []
     for p in sorted(out.glob("acts_*.npz")):
         tag = p.stem[len("acts_"):]
+        if tags is not None and tag not in tags:
+            continue
         with open_activations(p) as f:
             meta = f.meta
         found.append((tag, p, int(meta.get("epoch", -1))))
@@ -306,19 +313,52 @@ def e2_analysis_seeds(seed: int, n: int) -> list[int]:
     return [int(seed)] + [int(v) for v in np.random.SeedSequence(int(seed)).generate_state(max(n - 1, 0))]
 
 
+def analysis_dir(out: Path, k: int, seed: int) -> Path:
+    """Where the E2 summary caches the rows of its k-th analysis seed."""
+    return out / "analysis" / (f"seed-{seed}" if k else "")
+
+
+def analyze_command(files: list[str], adir: str, *, seed: int, n_reps: int, n_t: int, per_class: int,
+                    mftma: bool = True) -> str:
+    """The `geomprobe analyze` command line that computes the same rows as the E2 summary's analysis
+    (every option that differs from the command's defaults is spelled out)."""
+    parts = ["geomprobe", "analyze", *files, "-o", adir, "--seed", str(seed)]
+    parts += ["--n-reps", str(n_reps), "--n-t", str(n_t), "--per-class", str(per_class)] if mftma else ["--no-mftma"]
+    return " ".join(parts)
+
+
 def _e2_rows(out: Path, files: list[Path], *, mftma: bool, recompute: bool, n_reps: int, n_t: int,
-             seeds: list[int], per_class: int) -> list[list[dict]]:
+             seeds: list[int], per_class: int, progress: Callable[[int, int], None] | None = None) \
+        -> list[list[dict]]:
     """MFTMA rows of the activation files, one list per analysis seed (the first in out/analysis, the
     others in out/analysis/seed-S); each is reused while its files and options are unchanged."""
-    return [_e2_rows_one(out / "analysis" / (f"seed-{s}" if k else ""), files, mftma=mftma, recompute=recompute,
-                         n_reps=n_reps, n_t=n_t, seed=s, per_class=per_class) for k, s in enumerate(seeds)]
-
-
-def _e2_rows_one(adir: Path, files: list[Path], *, mftma: bool, recompute: bool, n_reps: int, n_t: int,
-                 seed: int, per_class: int) -> list[dict]:
-    from geomprobe.analysis import AnalyzeOptions, analyze
-
     want = sorted(str(p) for p in files)
+    todo = [(analysis_dir(out, k, s), s) for k, s in enumerate(seeds)]
+    cached = {str(a): _e2_cached(a, want, mftma=mftma, recompute=recompute, n_reps=n_reps, n_t=n_t, seed=s,
+                                 per_class=per_class) for a, s in todo}
+    tick = None
+    if progress is not None:
+        from geomprobe.analysis import AnalyzeOptions, plan_tasks
+
+        per_seed = len(plan_tasks(want, AnalyzeOptions(mftma=mftma, per_class=per_class), scan_values=False))
+        total = per_seed * sum(1 for a, _ in todo if cached[str(a)] is None)
+        count = [0]
+
+        def tick(_r) -> None:
+            count[0] += 1
+            progress(count[0], total)
+    out_rows = []
+    for a, s in todo:
+        rows = cached[str(a)]
+        if rows is None:
+            rows = _e2_analyze(a, want, mftma=mftma, n_reps=n_reps, n_t=n_t, seed=s, per_class=per_class, tick=tick)
+        out_rows.append(rows)
+    return out_rows
+
+
+def _e2_cached(adir: Path, want: list[str], *, mftma: bool, recompute: bool, n_reps: int, n_t: int, seed: int,
+               per_class: int) -> list[dict] | None:
+    """The rows cached in adir/metrics.json when they were computed from these files with these options."""
     cached = adir / "metrics.json"
     if cached.is_file() and not recompute:
         try:
@@ -328,10 +368,17 @@ def _e2_rows_one(adir: Path, files: list[Path], *, mftma: bool, recompute: bool,
                     and (po.get("seed"), po.get("n_reps"), po.get("n_t"), po.get("per_class"))
                     == (seed, n_reps, n_t, per_class)):
                 return prev["rows"]
-        except (json.JSONDecodeError, KeyError):
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             pass
+    return None
+
+
+def _e2_analyze(adir: Path, want: list[str], *, mftma: bool, n_reps: int, n_t: int, seed: int, per_class: int,
+                tick=None) -> list[dict]:
+    from geomprobe.analysis import AnalyzeOptions, analyze
+
     opts = AnalyzeOptions(seed=seed, mftma=mftma, n_reps=n_reps, n_t=n_t, per_class=per_class)
-    rep = analyze(want, opts, outdir=adir, force=True)
+    rep = analyze(want, opts, outdir=adir, force=True, progress=tick)
     if rep.errors:
         raise InputError(f"analysis in {adir} failed for {len(rep.errors)} task(s), first: {rep.errors[0]}")
     return rep.rows
@@ -384,12 +431,12 @@ def _e2_best_epoch_effect(capacity: dict[str, list[float]], layers: list[str], b
 
 
 def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: bool, n_reps: int, n_t: int,
-        seed: int, analysis_seeds: int | None):
+        seed: int, analysis_seeds: int | None, tags: tuple[str, ...] | None = None, progress=None):
     o = exp["options"]
     res = exp.get("result", {})
     names = EFFECT_NAMES["label-noise-geometry"]
     c = CRITERIA
-    files = _e2_files(out)
+    files = _e2_files(out, tags)
     layers: list[str] = []
     if files:
         with open_activations(files[0][1]) as f:
@@ -413,9 +460,11 @@ def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: boo
         n_seeds = check_positive_int(analysis_seeds, "analysis_seeds")
     seeds = e2_analysis_seeds(seed, n_seeds)
     table = _e2_table(_e2_rows(out, [p for _, p, _ in files], mftma=mftma, recompute=recompute, n_reps=n_reps,
-                               n_t=n_t, seeds=seeds, per_class=M), files) if files else {}
+                               n_t=n_t, seeds=seeds, per_class=M, progress=progress), files) if files else {}
     data["metrics"] = table
     data["analysis_seeds"] = seeds
+    names_ = sorted(p.name for _, p, _ in files)
+    data["analysis"] = {"files": names_, "seeds": seeds, "n_reps": n_reps, "n_t": n_t, "per_class": M, "mftma": mftma}
 
     def cap(tag, subset):
         return [table.get(tag, {}).get(subset, {}).get("capacity", {}).get(layer, float("nan")) for layer in layers]

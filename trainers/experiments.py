@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,13 +31,14 @@ from geomprobe.io import atomic_write_text
 from . import data as D
 from . import models as Mo
 from .capture import record_activations, sample_subsets
-from .checkpoint import checkpoint_path, epoch_checkpoints, load_checkpoint, rewind_table
+from .checkpoint import checkpoint_path, epoch_checkpoints, load_checkpoint, load_model_state, rewind_table
 from .noise import LabelNoise, permute_labels
 from .options import (SPECS, ExtremeMemorizationOptions, IdentityCrisisOptions, LabelNoiseGeometryOptions,
-                      NormalizedLossOptions, get_spec, options_for, parse_value)
+                      NormalizedLossOptions, get_spec, options_for, parse_value, validate_options)
 from .train import TrainConfig, TrainingDiverged, evaluate, resolve_device, train
 
-__all__ = ["Experiment", "EXPERIMENTS", "get_experiment", "options_for", "parse_value", "run_experiment"]
+__all__ = ["Experiment", "EXPERIMENTS", "ExperimentRun", "get_experiment", "options_for", "parse_value",
+           "run_experiment", "owned_files", "MANIFEST", "OWNED_PATTERN"]
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,9 @@ def _write_acts(path: Path, model, x, labels, *, split=None, train_labels=None, 
 
 
 def _load_epoch(model, out: Path, which) -> int:
-    ck = load_checkpoint(checkpoint_path(out, which))
-    model.load_state_dict(ck["model"])
+    path = checkpoint_path(out, which)
+    ck = load_checkpoint(path, keys=("model", "epoch"))
+    load_model_state(model, ck["model"], path)
     return int(ck["epoch"])
 
 
@@ -182,7 +186,8 @@ def _e2_model(o: LabelNoiseGeometryOptions, ds: D.Dataset):
     return Mo.build_model(o.model, ds.input_shape, ds.n_classes, width=o.width_factor, seed=o.seed)
 
 
-def run_label_noise_geometry(o: LabelNoiseGeometryOptions, out: Path, force: bool) -> dict:
+def run_label_noise_geometry(o: LabelNoiseGeometryOptions, out: Path, force: bool,
+                             progress: Callable[[int, int, dict], None] | None = None) -> dict:
     check_positive_int(o.analysis_seeds, "analysis_seeds")  # a summary option, checked before any training
     if isinstance(o.analysis_per_class, bool) or not isinstance(o.analysis_per_class, int) \
             or not 0 <= o.analysis_per_class <= o.capture_per_class:
@@ -219,6 +224,8 @@ def run_label_noise_geometry(o: LabelNoiseGeometryOptions, out: Path, force: boo
     from . import train as T
 
     def on_epoch(epoch, m, rec):
+        if progress is not None:
+            progress(epoch, o.epochs, rec)
         if epoch == 0 or epoch in set(int(e) for e in o.capture_epochs):
             write("init" if epoch == 0 else f"epoch{epoch:04d}", m, epoch)
         if o.split_every and epoch % o.split_every == 0:
@@ -232,7 +239,7 @@ def run_label_noise_geometry(o: LabelNoiseGeometryOptions, out: Path, force: boo
 
     if split_log.exists():  # fresh run: start the log again; resumed run: keep it up to the checkpoint
         last = checkpoint_path(out / "train", "last")
-        T._truncate_log(split_log, -1 if force or not last.exists() else int(load_checkpoint(last)["epoch"]))
+        T._truncate_log(split_log, -1 if force or not last.exists() else int(load_checkpoint(last, keys=("epoch",))["epoch"]))
     cfg = _cfg(o, epochs=o.epochs, batch_size=o.batch_size, optimizer=o.optimizer, lr=o.lr,
                stop_train_acc=o.stop_train_acc, keep_every=o.keep_every)
     res = train(model, ds.x_train, noise.train_labels, ds.x_test, ds.y_test, cfg=cfg, out=out / "train", force=force,
@@ -432,38 +439,157 @@ def get_experiment(name: str) -> Experiment:
 
 
 
-def run_experiment(name: str, options: Any, out: str | Path, *, force: bool = False, preset: str = "",
-                   summarize: bool = True) -> dict:
-    """Run an experiment into ``out`` (resuming an unfinished run with the same options); then, with
-    ``summarize``, measure its effects (``out/summary.json``) and write ``out/report/`` (trainers/effects.py)."""
-    exp = get_experiment(name)
+# -- the output folder: what a run owns --------------------------------------------------------------
+#
+# A run folder's files are the user's unless geomprobe wrote them. geomprobe reserves these names inside
+# the folder (OWNED_PATTERN) and lists what the run owns in MANIFEST; every other file (for example
+# train/checkpoints/mymodel.pt or notes.txt) is never deleted, moved or overwritten, --force included.
+
+MANIFEST = "geomprobe-run.json"
+OWNED_PATTERN = re.compile(r"""^(?:
+      experiment\.json | geomprobe-run\.json | summary\.json | label_noise\.npz | rewind\.json
+    | gradient_split\.jsonl | normalized_loss\.jsonl
+    | (?:[^/]+/)?acts_[^/]+\.npz                       # activation files (top level or one run folder)
+    | (?:[^/]+/)?metrics\.jsonl | (?:[^/]+/)?train_summary\.json
+    | (?:[^/]+/)?checkpoints/(?:epoch_\d+|last|best)\.pt
+    | analysis/.+ | report/.+                         # the summary's analysis cache and the report
+    | (?:.+/)?\.[^/]+\.tmp(?:\.npz)?                   # temporary files of atomic writes
+)$""", re.X)
+
+
+@dataclass(frozen=True)
+class ExperimentRun:
+    """What :func:`run_experiment` returns: the run's result (as in experiment.json) and, when it was
+    summarised, this run's summary (summary.json); ``summary`` is None with ``summarize=False`` or when
+    the summary failed (the message is on stderr)."""
+
+    out: Path
+    result: dict
+    summary: dict | None
+    resumed: bool
+
+
+def _files(out: Path) -> list[str]:
+    """Every regular file under ``out`` (relative POSIX paths; symbolic links are not followed)."""
+    found = []
+    for root, dirs, names in os.walk(out):
+        rel = Path(root).relative_to(out)
+        found += [(rel / n).as_posix() for n in names if not os.path.islink(os.path.join(root, n))]
+    return sorted(found)
+
+
+def _read_manifest(out: Path) -> dict:
+    try:
+        m = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        return m if isinstance(m, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def owned_files(out: str | Path) -> list[str]:
+    """The files of run folder ``out`` that geomprobe wrote: names it reserves (OWNED_PATTERN) that were
+    not already there, written by someone else, when the run first started (the manifest's ``foreign``)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    foreign = set(_read_manifest(out).get("foreign", []))
+    return [f for f in _files(out) if OWNED_PATTERN.match(f) and f not in foreign]
+
+
+def _check_out(out: Path, name: str, comparable: dict, force: bool) -> tuple[bool, list[str]]:
+    """Decide what a run may do with ``out``; returns (fresh start?, foreign files to keep listing).
+
+    Allowed: a new or empty folder; a previous run of the same experiment with the same options
+    (resumed; a finished one is refused without force); with force, a previous run (its owned files are
+    deleted first) or a folder with other files whose names geomprobe does not use (left untouched)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    for parent in out.parents:  # `-o afile/sub`: say so before anything is written
+        if parent.exists() and not parent.is_dir():
+            raise InputError(f"--out {out}: {parent} is not a directory")
+    files = _files(out) if out.is_dir() else []
+    if not files:
+        return True, []
     state_path = out / "experiment.json"
+    if not state_path.is_file():  # not a run folder: only the user's files are here
+        clash = [f for f in files if OWNED_PATTERN.match(f)]
+        shown = ", ".join(files[:5]) + (", ..." if len(files) > 5 else "")
+        if not force:
+            raise InputError(f"--out {out}: not empty and holds no geomprobe run ({len(files)} file(s): {shown}); "
+                             "choose a new or empty folder, or pass --force to write next to these files "
+                             "(files geomprobe did not write are never deleted or overwritten)")
+        if clash:
+            raise InputError(f"--out {out}: holds files geomprobe did not write under names a run writes "
+                             f"({', '.join(clash[:8])}{', ...' if len(clash) > 8 else ''}); even with --force "
+                             "they are not overwritten: move them or choose another --out")
+        return True, files
+    try:
+        prev = json.loads(state_path.read_text(encoding="utf-8"))
+        prev = prev if isinstance(prev, dict) else {}
+    except (OSError, ValueError):
+        prev = {}
+    prev_opts = prev.get("options") if isinstance(prev.get("options"), dict) else {}
+    same = prev.get("experiment") == name and \
+        {k: v for k, v in prev_opts.items() if k not in _NOT_DEFINING} == comparable
+    foreign = [f for f in _read_manifest(out).get("foreign", []) if (out / f).exists()]
+    if not force:
+        if not same:
+            raise InputError(f"--out {out}: holds a different run ({prev.get('experiment')!r} with other options); "
+                             "pass --force to replace it (only the files that run wrote are deleted) or use "
+                             "another --out")
+        if prev.get("status") == "done":
+            raise InputError(f"--out {out}: holds a finished {name!r} run; pass --force to run it again")
+        return False, foreign
+    for f in owned_files(out):  # --force: the previous run's files go, the user's stay
+        (out / f).unlink()
+    for root, dirs, _ in sorted(os.walk(out), key=lambda t: -len(t[0])):  # folders left empty by that
+        for d in dirs:
+            p = Path(root) / d
+            if not os.path.islink(p) and p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+    return True, foreign
+
+
+def _write_manifest(out: Path, name: str, foreign: list[str], status: str) -> None:
+    manifest = {"format": "geomprobe-run-manifest", "format_version": 1, "experiment": name, "status": status,
+                "rule": "geomprobe wrote the files under owned (names of OWNED_PATTERN in geomprobe/trainers/"
+                        "experiments.py, except those under foreign); `geomprobe train --force` deletes only those",
+                "foreign": sorted(foreign), "owned": []}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))  # foreign first: owned_files reads it
+    manifest["owned"] = owned_files(out)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def run_experiment(name: str, options: Any, out: str | Path, *, force: bool = False, preset: str = "",
+                   summarize: bool = True, progress: Callable[[int, int, dict], None] | None = None) -> ExperimentRun:
+    """Run an experiment into ``out`` (resuming an unfinished run with the same options); then, with
+    ``summarize``, measure its effects (``out/summary.json``) and write ``out/report/`` (trainers/effects.py).
+
+    ``out`` must be new or empty, hold an unfinished run of the same experiment and options (resumed), or
+    ``force`` is given: a previous run's files (listed in ``out/geomprobe-run.json``) are then deleted
+    and a folder's other files are left untouched (see :func:`owned_files`). ``progress(epoch, epochs,
+    record)`` is called after every epoch (E2). Returns an :class:`ExperimentRun`."""
+    exp = get_experiment(name)
+    validate_options(name, options)
+    out = Path(out)
     opts = dataclasses.asdict(options)
     comparable = {k: v for k, v in opts.items() if k not in _NOT_DEFINING}
-    if state_path.exists() and not force:
-        try:
-            prev = json.loads(state_path.read_text())
-        except json.JSONDecodeError:
-            prev = {}
-        prev_cmp = {k: v for k, v in prev.get("options", {}).items() if k not in _NOT_DEFINING}
-        if prev.get("experiment") != name or prev_cmp != comparable:
-            raise InputError(f"{out}: holds a different run ({prev.get('experiment')!r} with other options); "
-                             "pass --force to overwrite or use another --out")
-        if prev.get("status") == "done":
-            raise InputError(f"{out}: holds a finished {name!r} run; pass --force to run it again")
+    fresh, foreign = _check_out(out, name, comparable, force)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    state_path = out / "experiment.json"
     state = {"experiment": name, "preset": preset, "options": opts, "status": "running"}
     atomic_write_text(state_path, json.dumps(state, indent=1))
-    result = exp.run(options, out, force)
+    _write_manifest(out, name, foreign, "running")
+    result = exp.run(options, out, fresh, **({"progress": progress} if name == "label-noise-geometry" else {}))
     state.update(status="done", result=result)
     atomic_write_text(state_path, json.dumps(_clean(state), indent=1))
-    if summarize:
-        _summarize(out)
-    return result
+    summary = _summarize(out) if summarize else None
+    _write_manifest(out, name, foreign, "done")
+    return ExperimentRun(out, result, summary, not fresh)
 
 
-def _summarize(out: Path) -> None:
+def _summarize(out: Path) -> dict | None:
     """summary.json and the report; a failure here is reported on stderr and leaves the finished run intact."""
     import sys
 
@@ -471,8 +597,9 @@ def _summarize(out: Path) -> None:
 
     from . import effects
 
+    summary = None
     try:
-        effects.summarize(out)
+        summary = effects.summarize(out)
         from .report import build_report
 
         build_report(out, umap=False, quiet=True)  # `geomprobe report DIR` adds the UMAP figure
@@ -483,6 +610,7 @@ def _summarize(out: Path) -> None:
     except (InputError, AnalysisError) as exc:
         print(f"{out}: the run finished but its summary failed: {exc}; retry with `geomprobe report {out}`",
               file=sys.stderr)
+    return summary
 
 
 def _clean(obj):

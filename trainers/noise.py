@@ -35,15 +35,37 @@ class LabelNoise:
         return int((self.train_labels != self.true_labels).sum())
 
     def save(self, path) -> None:
-        np.savez(path, true_labels=self.true_labels, train_labels=self.train_labels, permuted=self.permuted,
+        """Write atomically (a temporary file renamed over ``path``): never a half-written file."""
+        import io
+
+        from geomprobe.io import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez(buf, true_labels=self.true_labels, train_labels=self.train_labels, permuted=self.permuted,
                  eps=np.float64(self.eps), seed=np.int64(-1 if self.seed is None else self.seed))
+        atomic_write_bytes(path, buf.getvalue(), force=True)
 
     @classmethod
     def load(cls, path) -> "LabelNoise":
-        with np.load(path, allow_pickle=False) as z:
-            seed = int(z["seed"])
-            return cls(z["true_labels"].astype(np.int64), z["train_labels"].astype(np.int64),
-                       z["permuted"].astype(bool), float(z["eps"]), None if seed < 0 else seed)
+        """Read a file written by :meth:`save`; a damaged or foreign file is an InputError naming it."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                keys = ("true_labels", "train_labels", "permuted", "eps", "seed")
+                missing = [k for k in keys if k not in z.files]
+                if missing:
+                    raise InputError(f"{path}: not a label-noise file: missing {', '.join(missing)} "
+                                     f"(holds {', '.join(z.files) or 'nothing'})")
+                true, train, perm = (np.asarray(z[k]) for k in keys[:3])
+                seed, eps = int(z["seed"]), float(z["eps"])
+        except InputError:
+            raise
+        except Exception as exc:  # zipfile, pickle refusal, OSError, ValueError: a damaged file
+            raise InputError(f"{path}: not a readable label-noise file ({type(exc).__name__}: {exc}); delete it or "
+                             "pass --force to start the run over") from None
+        if not (true.ndim == train.ndim == perm.ndim == 1 and true.shape == train.shape == perm.shape):
+            raise InputError(f"{path}: true_labels, train_labels and permuted must be 1-D of one length, got "
+                             f"{true.shape}, {train.shape}, {perm.shape}")
+        return cls(true.astype(np.int64), train.astype(np.int64), perm.astype(bool), eps, None if seed < 0 else seed)
 
 
 def permute_labels(labels, eps: float, seed: int) -> LabelNoise:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from geomprobe._validation import InputError
 
-__all__ = ["ExperimentSpec", "SPECS", "get_spec", "options_for", "parse_value", "option_defaults",
+__all__ = ["ExperimentSpec", "SPECS", "get_spec", "options_for", "parse_value", "option_defaults", "validate_options",
            "ExtremeMemorizationOptions", "LabelNoiseGeometryOptions", "IdentityCrisisOptions",
            "NormalizedLossOptions"]
 
@@ -301,7 +302,75 @@ def options_for(name: str, preset: str = "tiny", config: dict | None = None, set
             raise InputError(f"option {k} must be a number, got {v!r}")
         if isinstance(default, list) and not isinstance(v, list):
             raise InputError(f"option {k} must be a list, got {v!r}")
-    return exp.options(**values)
+    options = exp.options(**values)
+    validate_options(name, options)
+    return options
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_list(o: Any, key: str, rule: str, ok, *, empty: bool = False) -> None:
+    v = getattr(o, key)
+    if not empty and not v:
+        raise InputError(f"option {key} must be a non-empty list of {rule}, got {v!r}")
+    bad = [x for x in v if not ok(x)]
+    if bad:
+        raise InputError(f"option {key} must be a list of {rule}, got {v!r} (bad: {', '.join(map(repr, bad[:4]))})")
+
+
+def _check(o: Any, key: str, rule: str, ok) -> None:
+    v = getattr(o, key)
+    if not ok(v):
+        raise InputError(f"option {key} must be {rule}, got {v!r}")
+
+
+def validate_options(name: str, o: Any) -> None:
+    """Check an experiment's options before any data is loaded or anything trained: every rule a run
+    needs, each failure an InputError naming the option, the rule and the value."""
+    _check(o, "seed", "an integer >= 0", lambda v: _int(v) and v >= 0)
+    _check(o, "device", "auto, cpu or cuda", lambda v: v in ("auto", "cpu", "cuda"))
+    _check(o, "progress", "auto, on or off", lambda v: v in ("auto", "on", "off"))
+    for key in ("n_train", "n_test"):
+        if hasattr(o, key):
+            _check(o, key, "an integer >= 0 (0: all)", lambda v: _int(v) and v >= 0)
+    for key in ("epochs", "batch_size", "capture_classes", "capture_per_class"):
+        if hasattr(o, key):
+            _check(o, key, "an integer >= 1", lambda v: _int(v) and v >= 1)
+    for key in ("lr",):
+        if hasattr(o, key):
+            _check(o, key, "a number > 0", lambda v: _num(v) and v > 0)
+    if name == "extreme-memorization":
+        _check_list(o, "sigmas", "numbers > 0 (the first layer's init standard deviations)", lambda v: _num(v) and v > 0)
+        _check(o, "loss", "one of ce, hinge, squared (a classification loss: E1 measures accuracy)",
+               lambda v: v in ("ce", "hinge", "squared"))
+        _check(o, "model", "one of mlp, mlp4, convnet-h", lambda v: v in ("mlp", "mlp4", "convnet-h"))
+        _check(o, "hidden", "an integer >= 1", lambda v: _int(v) and v >= 1)
+    elif name == "label-noise-geometry":
+        _check(o, "eps", "a number in [0, 1]", lambda v: _num(v) and 0 <= v <= 1)
+        _check(o, "model", "one of feedforward, alexnet, vgg16, resnet18",
+               lambda v: v in ("feedforward", "alexnet", "vgg16", "resnet18"))
+        _check_list(o, "capture_epochs", "epochs (integers >= 1)", lambda v: _int(v) and v >= 1, empty=True)
+        _check_list(o, "rewind_epochs", "epochs (integers >= 0)", lambda v: _int(v) and v >= 0, empty=True)
+    elif name == "identity-crisis":
+        _check_list(o, "fcn_activations", "linear or relu", lambda v: v in ("linear", "relu"), empty=True)
+        _check_list(o, "fcn_hidden", "integers >= 0", lambda v: _int(v) and v >= 0, empty=True)
+        _check_list(o, "fcn_widths", "integers >= 1", lambda v: _int(v) and v >= 1, empty=True)
+        _check_list(o, "conv_depths", "integers >= 1", lambda v: _int(v) and v >= 1, empty=True)
+        _check_list(o, "rho", "numbers in [0, 1]", lambda v: _num(v) and 0 <= v <= 1)
+        _check(o, "trainable", "one of all, top, bottom", lambda v: v in ("all", "top", "bottom"))
+        _check(o, "steps", "an integer >= 1", lambda v: _int(v) and v >= 1)
+    elif name == "normalized-loss":
+        _check_list(o, "init_stds", "numbers > 0 (a zero init makes the bias-free net's output and its norms 0)",
+                    lambda v: _num(v) and v > 0)
+        _check(o, "random_label_std", "a number > 0, or negative for no random-label net",
+               lambda v: _num(v) and v != 0)
+        _check_list(o, "lr_milestones", "epochs (integers >= 0)", lambda v: _int(v) and v >= 0, empty=True)
 
 
 def option_defaults(options_cls: type) -> dict[str, Any]:

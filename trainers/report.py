@@ -41,6 +41,26 @@ def effects_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def analysis_section(out: Path, summary: dict) -> list[str]:
+    """E2: the analysis options behind the capacities and the `geomprobe analyze` commands that reproduce
+    the cached rows (one per analysis seed; compare OUTDIR/metrics.csv with DIR/analysis/...)."""
+    a = summary.get("data", {}).get("analysis")
+    if not a:
+        return []
+    files = [str(out / f) for f in a["files"]]
+    lines = ["## Analysis", "",
+             f"MFTMA options of the capacities above: files {', '.join(a['files'])}; n_reps {a['n_reps']}, "
+             f"n_t {a['n_t']}, per_class {a['per_class']} (M), analysis seeds {', '.join(map(str, a['seeds']))} "
+             f"(the capacities are their mean); every other option is `geomprobe analyze`'s default. Cached rows: "
+             f"`{out}/analysis/` (seed {a['seeds'][0]}) and `{out}/analysis/seed-S/` (the others). These commands "
+             "compute the same rows:", "", "```sh"]
+    for k, s in enumerate(a["seeds"]):
+        lines.append(effects.analyze_command(files, f"{out}/reanalysis" + (f"-seed-{s}" if k else ""), seed=s,
+                                             n_reps=a["n_reps"], n_t=a["n_t"], per_class=a["per_class"],
+                                             mftma=a.get("mftma", True)))
+    return lines + ["```", ""]
+
+
 def build_report(outdir: str | Path, *, resummarize: bool = False, umap: bool = True, mftma: bool = True,
                  quiet: bool = False, analysis_seeds: int | None = None) -> Path:
     """Write DIR/report/report.md and its PNGs; returns the report's path."""
@@ -79,6 +99,7 @@ def build_report(outdir: str | Path, *, resummarize: bool = False, umap: bool = 
             "## Effects", "", effects_table(summary), ""]
     if summary.get("missing"):
         body += ["## Not logged by this run", ""] + [f"- {m}" for m in summary["missing"]] + [""]
+    body += analysis_section(out, summary)
     body += ["## Figures", ""]
     for stem in made:
         body += [f"### {stem}", "", f"![{stem}]({stem}.png)", ""]
