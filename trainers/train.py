@@ -34,7 +34,8 @@ from torch.nn import functional as F
 from geomprobe._validation import AnalysisError, InputError, check_choice
 from geomprobe.io import atomic_write_text
 
-from .checkpoint import checkpoint_path, load_checkpoint, relative_weight_distance, save_checkpoint
+from .checkpoint import (OWN_CHECKPOINT, RESUME_KEYS, checkpoint_path, load_checkpoint, load_model_state,
+                         relative_weight_distance, save_checkpoint)
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "make_loss", "evaluate", "resolve_device", "LOSSES"]
 
@@ -293,9 +294,9 @@ def train(
     if out_path:
         out_path.mkdir(parents=True, exist_ok=True)
         if last.exists() and not force:
-            ck = load_checkpoint(last)
+            ck = load_checkpoint(last, keys=RESUME_KEYS)
             if ck.get("done") and if_done == "return" and _comparable(ck.get("config", {})) == _comparable(config):
-                model.load_state_dict(ck["model"])
+                load_model_state(model, ck["model"], last)
                 return TrainResult(list(ck["history"]), int(ck["best_epoch"]), int(ck["epoch"]), int(ck["step"]),
                                    out_path, int(ck["epoch"]))
             if ck.get("done"):
@@ -304,10 +305,14 @@ def train(
             if _comparable(ck.get("config", {})) != _comparable(config):
                 raise InputError(f"{out_path}: holds an unfinished run with a different configuration; pass "
                                  "force=True (CLI: --force) to start over or use another --out")
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
+            load_model_state(model, ck["model"], last)
+            try:
+                opt.load_state_dict(ck["optimizer"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                raise InputError(f"{last}: its optimizer state does not fit this run's model "
+                                 f"({type(exc).__name__}: {exc}); pass force=True (CLI: --force) to start over") from None
             resume_rng = (ck["rng_cpu"], ck.get("rng_cuda"))
-            init_state = load_checkpoint(checkpoint_path(out_path, 0))["model"]
+            init_state = load_checkpoint(checkpoint_path(out_path, 0), keys=("model",))["model"]
             history = list(ck["history"])
             start_epoch, step = int(ck["epoch"]) + 1, int(ck["step"])
             best_epoch, best_acc = int(ck["best_epoch"]), float(ck["best_acc"])
@@ -319,7 +324,8 @@ def train(
             if log_path.exists():
                 log_path.unlink()
             for stale in (out_path / "checkpoints").glob("*.pt") if (out_path / "checkpoints").is_dir() else []:
-                stale.unlink()
+                if OWN_CHECKPOINT.match(stale.name):  # only the names train() writes: never a user's file
+                    stale.unlink()
 
     prev_det = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic and device.type == "cpu":
@@ -508,12 +514,24 @@ def _truncate_log(path: Path, epoch: int) -> None:
     """Keep the log lines up to and including ``epoch`` (the resumed checkpoint); drop the rest."""
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    keep, bad = [], []
+    for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            break  # a half-written last line from a killed run
-        if rec.get("epoch", 0) <= epoch:
+            rec = None
+        if not isinstance(rec, dict):  # a half-written line of a killed run, or a damaged one: skipped alone
+            if line.strip():
+                bad.append(i)
+            continue
+        if _num_epoch(rec) <= epoch:
             keep.append(line)
+    if bad:
+        print(f"note: {path}: skipped {len(bad)} unreadable line(s) ({', '.join(map(str, bad[:5]))}"
+              f"{', ...' if len(bad) > 5 else ''}); the valid lines around them are kept", file=sys.stderr)
     atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+def _num_epoch(rec: dict) -> float:
+    e = rec.get("epoch", 0)
+    return e if isinstance(e, (int, float)) and not isinstance(e, bool) else math.inf
