@@ -1,0 +1,194 @@
+"""Companion-measure benchmarks (issue 19), side by side in one run, printed as a table.
+
+1. Each per-layer measure on n = 50,000 x d = 4,096 float32 (10 classes) vs one ``X.T @ X`` (float32,
+   numpy's syrk): participation ratio + effective rank (spectrum), neural collapse NC1/NC2, the ridge
+   linear probe (true + a second label vector) and the averaging classifier; target <= 3x each.
+2. Linear CKA (biased + unbiased) and the Procrustes angle between two such layers vs the same
+   ``X.T @ X``: standalone (both self terms + the cross term + one SVD) and the marginal cost of one
+   more pair when the layers' self terms are already prepared (a layer x layer matrix); target <= 3x.
+3. Score recording in training: one epoch of the label-noise small preset's network (AlexNet at 1/8
+   width, 5,000 32 x 32 images, batch 128; random images, timing only) with and without a
+   ScoreRecorder, alternating, best of ``--epochs``; plus the one-off per-layer gradient norms after
+   training, as a fraction of an epoch. Target <= 5 % per epoch.
+
+4. ``--observe SEED``: a label-noise-geometry run (``--preset``, ``--set key=value``) with a ScoreRecorder
+   injected around train(), then the per-subset scores and per-layer companion rows of the final epoch.
+
+Run:  python bench/bench_companion.py [--small] [--skip-train] [--epochs 3]
+      python bench/bench_companion.py --observe 0 --preset small --set rewind=false
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+
+def best_of(fn, repeats=2):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def layer_measures(n: int, d: int, repeats: int) -> list[tuple]:
+    from geomprobe.collapse import neural_collapse
+    from geomprobe.linear_probe import linear_probe
+    from geomprobe.similarity import _pair, layer_similarity, prepare_layer
+    from geomprobe.spectral import participation_ratio, spectrum
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, n)
+    X = rng.standard_normal((n, d), dtype=np.float32)
+    X[:, :10] += 2 * np.eye(10, dtype=np.float32)[y]
+    y2 = np.where(rng.random(n) < 0.5, rng.integers(0, 10, n), y)
+    t0 = best_of(lambda: X.T @ X, repeats)
+    rows = [("X.T @ X (float32)", t0, None)]
+
+    print(f"| X.T @ X (float32) | {t0:.2f} s | 1.00x | |", flush=True)
+
+    def add(name, fn, target):
+        t = best_of(fn, repeats)
+        rows.append((name, t, target))
+        print(f"| {name} | {t:.2f} s | {t / t0:.2f}x | <= {target:g}x |", flush=True)
+
+    add("participation ratio (trace / Frobenius only)", lambda: participation_ratio(X), 3.0)
+    add("spectrum: PR + effective rank (+ eigvalsh d x d)", lambda: spectrum(X), 3.0)
+    add("neural collapse NC1 + NC2 (10 classes)", lambda: neural_collapse(X, y), 3.0)
+    add("linear probe, 2 label vectors (ridge, 50 % split)",
+        lambda: linear_probe(X, y, extra_labels={"noisy": y2}), 3.0)
+    add("linear probe + averaging classifier", lambda: linear_probe(X, y, extra_labels={"noisy": y2},
+                                                                    averaging=True), 3.0)
+    Y = np.maximum(X[:, ::-1] + 0.5 * rng.standard_normal((n, d), dtype=np.float32), 0)
+    add("CKA + CKA_1 + Procrustes, two layers, standalone", lambda: layer_similarity(X, Y), 3.0)
+    a, b = prepare_layer(X), prepare_layer(Y)
+    add("  one more pair, self terms prepared (cross term + SVD)", lambda: _pair(a, b), 3.0)
+    add("  one more pair, CKA only (cross term, no SVD)", lambda: _pair(a, b, procrustes=False), 3.0)
+    return rows
+
+
+def train_overhead(epochs: int) -> list[tuple]:
+    import torch
+
+    from geomprobe.trainers import models as Mo
+    from geomprobe.trainers.scores import ScoreRecorder
+    from geomprobe.trainers.train import TrainConfig, train
+
+    n = 5000
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    times = {False: [], True: []}
+    finish = []
+    for rep in range(epochs):
+        for rec_on in (False, True):
+            model = Mo.build_model("alexnet", (1, 32, 32), 10, width=0.125, seed=0)
+            rec = ScoreRecorder(n, el2n_epoch=1, grad_norms=True) if rec_on else None
+            if rec is not None:  # time finish() (gradient norms + table) separately
+                orig = rec.finish
+
+                def timed(*a, _o=orig, **k):
+                    t = time.perf_counter()
+                    r = _o(*a, **k)
+                    finish.append(time.perf_counter() - t)
+                    return r
+                rec.finish = timed
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as out:
+                res = train(model, x, y, cfg=TrainConfig(epochs=1, batch_size=128, optimizer="adam", lr=1e-3,
+                                                         progress="off", keep_every=0), out=out, scores=rec)
+            times[rec_on].append(res.history[-1]["time"])
+    t_off, t_on = min(times[False]), min(times[True])
+    return [("training epoch, no recorder (AlexNet/8, 5,000 images)", t_off, None),
+            ("training epoch, ScoreRecorder (forgetting, AUM, EL2N)", t_on, 1.05),
+            ("after training: per-layer gradient norms + scores.csv (once)", min(finish), None)]
+
+
+def observe(seed: int, preset: str, sets: list[str], out: str) -> None:
+    """Run label-noise-geometry with a ScoreRecorder (injected around train(); experiments.py does not
+    wire it yet) and print the per-subset scores and the per-layer companion rows of the final epoch."""
+    from pathlib import Path
+
+    from geomprobe.companion import companion_rows
+    from geomprobe.io import open_activations
+    from geomprobe.scores import read_scores, score_summary
+    from geomprobe.trainers import experiments as E
+    from geomprobe.trainers.noise import LabelNoise
+    from geomprobe.trainers.scores import ScoreRecorder
+
+    outp = Path(out)
+    real_train = E.train
+
+    def train_with_scores(model, x, y, *args, **kw):
+        noise = LabelNoise.load(outp / "label_noise.npz")
+        rec = ScoreRecorder(len(y), subsets=np.where(noise.permuted, "permuted", "unpermuted"),
+                            true_labels=noise.true_labels, el2n_epoch=max(1, kw["cfg"].epochs // 10))
+        return real_train(model, x, y, *args, scores=rec, **kw)
+
+    E.train = train_with_scores
+    outp.mkdir(parents=True, exist_ok=True)
+    o = E.options_for("label-noise-geometry", preset, sets=sets, seed=seed)
+    t = time.perf_counter()
+    E.run_label_noise_geometry(o, outp, True)
+    print(f"trained in {time.perf_counter() - t:.0f} s (seed {seed}, preset {preset}, sets {sets})")
+    s = score_summary(read_scores(outp))
+    print("| subset | n | forgetting (learned) | never learned | EL2N | AUM |")
+    print("|---|---|---|---|---|---|")
+    for sub, d in s.per_subset.items():
+        print(f"| {sub} | {d['n']:.0f} | {d['forgetting_mean']:.2f} | {d['never_learned_frac']:.2f} | "
+              f"{d['el2n_mean']:.3f} | {d['aum_mean']:.2f} |")
+    print("AUROC permuted vs unpermuted: " + ", ".join(f"{k} {v:.2f}" for k, v in s.auroc.items()))
+    with open_activations(outp / "acts_final.npz") as f:
+        subs = f.subsets()
+        print("\n| layer | PR (unperm) | NC1 (unperm) | probe true labels (unperm) | probe noisy labels (permuted) "
+              "| probe true labels (restored) |")
+        print("|---|---|---|---|---|---|")
+        for layer in f.layers:
+            X = f.layer(layer)
+            vals = {}
+            for name in ("unpermuted", "permuted", "restored"):
+                sub = subs[name]
+                rows, _ = companion_rows(X[sub.rows], sub.labels, np.random.default_rng(0))
+                vals[name] = {m: v for m, c, v in rows}
+            u = vals["unpermuted"]
+            print(f"| {layer} | {u['participation_ratio']:.1f} | {u['nc1']:.3g} | {u['linear_probe_acc']:.2f} | "
+                  f"{vals['permuted']['linear_probe_acc']:.2f} | {vals['restored']['linear_probe_acc']:.2f} |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true", help="n = 12,500 instead of 50,000")
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--observe", type=int, metavar="SEED", help="label-noise run with scores (see observe())")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--set", action="append", default=[], dest="sets")
+    ap.add_argument("--out", default="/tmp/gp_observe")
+    a = ap.parse_args()
+    if a.observe is not None:
+        observe(a.observe, a.preset, a.sets, f"{a.out}_{a.preset}_s{a.observe}")
+        return
+    n, d = (12_500 if a.small else 50_000), 4096
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if not a.skip_layers:
+        print(f"\n| n = {n:,} x d = {d:,} float32 | time | / X.T @ X | target |")
+        print("|---|---|---|---|", flush=True)
+        layer_measures(n, d, a.repeats)  # prints each row as it is measured
+    if not a.skip_train:
+        rows = train_overhead(a.epochs)
+        base = rows[0][1]
+        print("\n| training (CPU) | time | / epoch without | target |")
+        print("|---|---|---|---|")
+        for name, t, target in rows:
+            print(f"| {name} | {t:.2f} s | {t / base:.3f} | {'' if target is None else f'<= {target:g}'} |")
+
+
+if __name__ == "__main__":
+    main()
