@@ -45,6 +45,9 @@ class AnalysisError(GeomprobeError, RuntimeError):
     """
 
 
+_FLOAT_INT_LIMIT = 2.0**53
+
+
 def describe_shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
 
@@ -151,6 +154,9 @@ def check_labels(labels: Any, n: int | None = None, name: str = "labels", *, row
         raise InputError(f"{name} has {arr.shape[0]} entries but {rows_name} has {n} rows")
     if arr.dtype == np.bool_:
         return arr.astype(np.int64)
+    if np.issubdtype(arr.dtype, np.unsignedinteger) and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        i = int(np.argmax(arr))
+        raise InputError(f"{name} must fit in int64, got {int(arr[i])} at index {i}")
     if np.issubdtype(arr.dtype, np.integer):
         return arr.astype(np.int64, copy=False)
     if np.issubdtype(arr.dtype, np.floating):
@@ -161,6 +167,16 @@ def check_labels(labels: Any, n: int | None = None, name: str = "labels", *, row
         if np.any(frac):
             i = int(np.flatnonzero(frac)[0])
             raise InputError(f"{name} must be integers, got {float(arr[i])!r} at index {i} (dtype {arr.dtype})")
+        # beyond 2**53 a float cannot tell neighbouring integers apart (and beyond 2**63 int64 overflows):
+        # distinct labels would collapse into one class
+        big = np.abs(arr) > _FLOAT_INT_LIMIT
+        if np.any(big):
+            i = int(np.flatnonzero(big)[0])
+            raise InputError(
+                f"{name} given as floats must lie within +-2**53 (= {_FLOAT_INT_LIMIT:.0f}) to stay distinct "
+                f"integers, got {float(arr[i])!r} at index {i}; pass integer labels (or encode them with "
+                "numpy.unique(labels, return_inverse=True))"
+            )
         return arr.astype(np.int64)
     raise InputError(f"{name} must be integers, got dtype {arr.dtype}")
 

@@ -259,6 +259,8 @@ def resume_key(task: Task, options: AnalyzeOptions, f: ActivationFile | None = N
 
     f = f if f is not None else shared_file(task.file)
     skip = OPTIONS_NOT_IN_KEY.get(task.kind, {"layers", "subsets"})
+    if task.kind == "act" and not options.mftma:  # MFTMA's own options change nothing when it is off
+        skip = skip | (_MFTMA_OPTIONS - {"mftma"})
     opts = {k: v for k, v in asdict(options).items() if k not in skip}
     return {"geomprobe_version": __version__, "file": f.identity(task.arrays_read(f)),
             "options": json.loads(json.dumps(opts))}
@@ -275,7 +277,8 @@ def _why_not_reused(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
             return "input file contents changed"
         return "input file changed (size or modification time)"
     oo, no = old.get("options") or {}, new["options"]
-    diff = [f"{k} {oo.get(k)!r} -> {no.get(k)!r}" for k in sorted(set(oo) | set(no)) if oo.get(k) != no.get(k)]
+    both = [k for k in no if k in oo] or sorted(set(oo) | set(no))  # a switched-off option hides its own
+    diff = [f"{k} {oo.get(k)!r} -> {no.get(k)!r}" for k in both if oo.get(k) != no.get(k)]
     return "options changed (" + ", ".join(diff) + ")"
 
 
@@ -386,6 +389,10 @@ def _family_mftma(d: TaskData) -> None:
         d.res.note("degenerate_layer", "every example has the same activations (a constant or all-zero layer): "
                                        "MFTMA is undefined (no class centers differ); alignment rows kept")
         return
+    if _equal_centers(d.X, d.labels):
+        d.res.note("mftma_undefined", "MFTMA undefined for this layer: every class has the same center (class "
+                                      "centers must differ); alignment rows kept")
+        return
     from .mftma.rows import mftma_rows
 
     o = d.options
@@ -405,6 +412,16 @@ def _family_mftma(d: TaskData) -> None:
 
 def _is_constant(X: np.ndarray) -> bool:
     return X.shape[0] < 2 or bool(np.all(X == X[0]))
+
+
+def _equal_centers(X: np.ndarray, labels: np.ndarray) -> bool:
+    """True when all class centers coincide (to float64 rounding): MFTMA's center model is undefined."""
+    classes, codes = np.unique(labels, return_inverse=True)
+    sums = np.zeros((classes.size, X.shape[1]))
+    np.add.at(sums, codes.reshape(-1), X.astype(np.float64))
+    centers = sums / np.bincount(codes.reshape(-1))[:, None]
+    spread = np.abs(centers - centers[0]).max()
+    return bool(spread <= 1e-12 * max(np.abs(centers).max(), np.finfo(float).tiny))
 
 
 #: the row families of each task kind, in row order; each is ``fn(TaskData) -> None``
