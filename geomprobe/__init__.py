@@ -14,7 +14,10 @@ from .alignment import (
     sign_stiffness,
 )
 from .glue import GlueResult, glue_analysis
+from .collapse import CollapseResult, neural_collapse
+from .companion import companion_rows
 from .io import ActivationFile, open_activations, save_activations
+from .linear_probe import ProbeResult, linear_probe
 from .writer import ActivationWriter
 from .mftma import (
     AnchorResult,
@@ -38,10 +41,35 @@ from .probes import (
     probe_heatmap,
     weight_distance,
 )
+from .scores import ScoreTable, aum_margin, el2n, forgetting_events, read_scores, score_summary
+from .similarity import (SimilarityResult, layer_similarity, linear_cka, procrustes_distance, similarity_rows,
+                         write_similarity_csv)
+from .spectral import SpectrumResult, effective_rank, participation_ratio, spectrum
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CollapseResult",
+    "ProbeResult",
+    "ScoreTable",
+    "SimilarityResult",
+    "SpectrumResult",
+    "aum_margin",
+    "companion_rows",
+    "effective_rank",
+    "el2n",
+    "forgetting_events",
+    "layer_similarity",
+    "linear_cka",
+    "linear_probe",
+    "neural_collapse",
+    "participation_ratio",
+    "procrustes_distance",
+    "read_scores",
+    "score_summary",
+    "similarity_rows",
+    "spectrum",
+    "write_similarity_csv",
     "ActivationFile",
     "ActivationWriter",
     "AnchorResult",
