@@ -300,6 +300,9 @@ def contributions(cap: Capture, n: int, include_bias: bool, dtype) -> dict[str, 
         for pname, blk in parts.items():
             if not include_bias and "bias" in pname.rsplit(".", 1)[-1]:
                 continue
+            param = _param(t.module, pname)
+            if param is not None and not param.requires_grad:
+                continue  # frozen: not part of the gradient
             key = _prefix(t.name) + pname
             pos = getattr(blk, "rows", None)
             slot = merged.setdefault(key, {})
@@ -307,6 +310,13 @@ def contributions(cap: Capture, n: int, include_bias: bool, dtype) -> dict[str, 
                 blk = _cast(blk, dtype)
             slot[pos] = blk if pos not in slot else _merge(slot[pos], blk, key)
     return {k: list(v.values()) for k, v in merged.items()}
+
+
+def _param(module: nn.Module, name: str):
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        return None
 
 
 def _cast(blk, dtype):
@@ -387,6 +397,20 @@ class ClassLayout:
             self._bounds = [(bounds[k], bounds[k + 1]) for k in range(self.K)]
         return self._order, self._bounds
 
+    def padded(self):
+        """((K, m_max) example indices per class, padded with n; m_max)."""
+        if not hasattr(self, "_padded"):
+            order, bounds = self.segments()
+            n = self.codes.shape[0]
+            m_max = max(1, max(b - a for a, b in bounds))
+            starts = torch.tensor([a for a, _ in bounds], device=self.codes.device)
+            sc = self.codes[order]
+            pos = torch.arange(n, device=self.codes.device) - starts[sc]
+            idx = torch.full((self.K, m_max), n, dtype=torch.long, device=self.codes.device)
+            idx[sc, pos] = order
+            self._padded = (idx, m_max)
+        return self._padded
+
     def onehot(self, dtype):
         if dtype not in self._onehot:
             self._onehot[dtype] = F.one_hot(self.codes, self.K).to(dtype)
@@ -452,18 +476,25 @@ def block_class_sq(blk, lay: ClassLayout, W: torch.Tensor, method: str, budget: 
             cls += (PW[s:s + step] * (Gm @ PW)).sum(0)
             tot += (Wd[s:s + step] * (Gm @ Wd)).sum(0)
         return cls.view(K, r), tot
-    order, bounds = lay.segments()
-    Ds, As, Ws = D[order], A[order], Wd[order]
+    # classes side by side: examples gathered into (K, m_max) slots (padding -> a zero row), one
+    # batched product per chunk of classes instead of one per class
+    idx, m_max = lay.padded()
+    Dp = torch.cat([D, D.new_zeros(1, G, T, p)])
+    Ap = torch.cat([A, A.new_zeros(1, G, T, q)])
+    Wp = torch.cat([Wd, Wd.new_zeros(1, r)])
     cls = torch.zeros(K, r, dtype=D.dtype, device=D.device)
     total = torch.zeros(G, r * p, q, dtype=D.dtype, device=D.device)
-    for k, (a, b) in enumerate(bounds):
-        if b == a:
-            continue
-        Dk = (Ds[a:b, :, :, None, :] * Ws[a:b, None, None, :, None]).reshape(b - a, G, T, r * p)
-        Sk = torch.matmul(Dk.transpose(0, 1).reshape(G, -1, r * p).transpose(1, 2),
-                          As[a:b].transpose(0, 1).reshape(G, -1, q))  # G, r*p, q
-        cls[k] = _sqsum(Sk.view(G, r, p, q), (0, 2, 3))
-        total += Sk
+    per_class = G * r * p * q + m_max * G * T * (r * p + q)
+    step = max(1, budget // max(1, per_class))
+    for k0 in range(0, K, step):
+        ii = idx[k0:k0 + step]
+        kc = ii.shape[0]
+        Dk = Dp[ii][:, :, :, :, None, :] * Wp[ii][:, :, None, None, :, None]  # kc, m, G, T, r, p
+        Dk = Dk.permute(0, 2, 4, 5, 1, 3).reshape(kc, G, r * p, m_max * T)
+        Ak = Ap[ii].permute(0, 2, 1, 3, 4).reshape(kc, G, m_max * T, q)
+        S = torch.matmul(Dk, Ak)  # kc, G, r*p, q
+        cls[k0:k0 + kc] = _sqsum(S.view(kc, G, r, p, q), (1, 3, 4))
+        total += S.sum(0)
     return cls, _sqsum(total.view(G, r, p, q), (0, 2, 3))
 
 
