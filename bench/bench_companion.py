@@ -64,6 +64,7 @@ def layer_measures(n: int, d: int, repeats: int) -> list[tuple]:
     add("linear probe + averaging classifier", lambda: linear_probe(X, y, extra_labels={"noisy": y2},
                                                                     averaging=True), 3.0)
     Y = np.maximum(X[:, ::-1] + 0.5 * rng.standard_normal((n, d), dtype=np.float32), 0)
+    add("CKA + CKA_1, two layers, standalone (linear_cka)", lambda: layer_similarity(X, Y, procrustes=False), 3.0)
     add("CKA + CKA_1 + Procrustes, two layers, standalone", lambda: layer_similarity(X, Y), 3.0)
     a, b = prepare_layer(X), prepare_layer(Y)
     add("  one more pair, self terms prepared (cross term + SVD)", lambda: _pair(a, b), 3.0)

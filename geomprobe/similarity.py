@@ -134,9 +134,11 @@ def _check_pair(X, Y):
     return X, Y
 
 
-def layer_similarity(X, Y, *, max_gram_n: int = 16384, batch_size: int = 4096, seed=0) -> SimilarityResult:
+def layer_similarity(X, Y, *, max_gram_n: int = 16384, batch_size: int = 4096, seed=0,
+                     procrustes: bool = True) -> SimilarityResult:
     """Linear CKA (biased and unbiased) and the Procrustes angle between the rows of X and of Y (same
-    examples, same order). Exact unless a layer is wider than n and n > ``max_gram_n`` (then minibatch)."""
+    examples, same order). Exact unless a layer is wider than n and n > ``max_gram_n`` (then minibatch).
+    ``procrustes=False`` skips the SVD of the cross-covariance (the angle is then NaN)."""
     X, Y = _check_pair(X, Y)
     check_positive_int(max_gram_n, "max_gram_n", minimum=4)
     check_positive_int(batch_size, "batch_size", minimum=4)
@@ -150,7 +152,7 @@ def layer_similarity(X, Y, *, max_gram_n: int = 16384, batch_size: int = 4096, s
                      f"minibatches of {batch_size}; cka and procrustes_angle not computed")
         return SimilarityResult(float("nan"), cka1, float("nan"), n, "minibatch", tuple(notes))
     a, b = prepare_layer(X), prepare_layer(Y)
-    cka, cka1, ang = _pair(a, b)
+    cka, cka1, ang = _pair(a, b, procrustes=procrustes)
     if n < 4:
         notes.append(f"cka_unbiased needs n >= 4, got {n}")
     if a.trace == 0 or b.trace == 0:
@@ -160,7 +162,7 @@ def layer_similarity(X, Y, *, max_gram_n: int = 16384, batch_size: int = 4096, s
 
 def linear_cka(X, Y, *, unbiased: bool = False) -> float:
     """Linear CKA between the rows of X and Y (1 for Y = c X Q + v); see the module docstring."""
-    r = layer_similarity(X, Y)
+    r = layer_similarity(X, Y, procrustes=False)
     return r.cka_unbiased if unbiased else r.cka
 
 
