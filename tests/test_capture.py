@@ -234,7 +234,12 @@ def test_layer_name_errors_and_suggestions(resnet):
     with pytest.raises(InputError, match="lists of names, got a single string 'fc'"):
         capture(resnet, "fc")
     with pytest.raises(InputError, match="reduce must be 'flatten', 'avgpool', 'project'.*got 'max'"):
-        record_activations(resnet, torch.randn(2, 3, 32, 32), ["fc"], reduce="max")
+        capture(resnet, ["fc"], reduce="max")  # refused before any forward pass
+    with pytest.raises(InputError, match="reduce names layer 'layer1.0.rleu', which is not captured; captured: fc"):
+        capture(resnet, ["fc"], reduce={"layer1.0.rleu": "avgpool"})
+    with pytest.raises(InputError, match=r"layer\(s\) layer1.0.relu:1 name one call of a module that is also captured "
+                                         "whole"):
+        capture(resnet, ["layer1.0.relu", "layer1.0.relu:1"])
 
 
 def test_changing_call_count_is_refused():

@@ -205,7 +205,8 @@ _CALL = re.compile(r"^(.*?):(in:)?(\d+)$|^(.*):in$")
 class Capture:
     """Forward hooks on named submodules; outputs accumulate across forward calls (detached, on CPU).
 
-    ``layers``: module names (default :func:`default_layers`); ``"name:k"`` records only the k-th
+    ``layers``: module names (default :func:`default_layers`, or none when ``inputs`` are given);
+    ``"name:k"`` records only the k-th
     call (from 0) of a module in each forward. ``inputs``: module names whose first input is recorded
     instead (layer ``"name:in"``; ``"name:in:k"`` for one call) - the way to capture a functional
     activation. ``calls``: ``"all"`` (default: a module called c > 1 times per forward gives layers
@@ -238,15 +239,35 @@ class Capture:
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise InputError(f"layers must be distinct, got {', '.join(dup)} more than once")
+        whole = {(m, kind) for _, m, kind, idx in self._requests if idx is None}
+        overlap = [self._label(r) for r in self._requests if r[3] is not None and (r[1], r[2]) in whole]
+        if overlap:
+            raise InputError(f"layer(s) {', '.join(overlap)} name one call of a module that is also captured whole; "
+                             "give either the module or its calls")
         self.dtype = np.dtype(dtype)
         self._reduce_spec = reduce
-        self._reducers: dict[str, tuple[Any, str]] = {}
+        self._check_reduce(reduce, labels)
+        self._reducers: dict[tuple[str, int | None], tuple[Any, str]] = {}
         self._mods = {(m, kind): modules[m] for _, m, kind, _ in self._requests}
         self._count: dict[tuple[str, str], int] = {k: 0 for k in self._mods}
         self._calls_seen: dict[tuple[str, str], int] | None = None  # per-forward call counts (first forward)
         self._chunks: dict[tuple[str, str, int], list[torch.Tensor]] = {}
         self._handles: list[Any] = []
         self._shapes: dict[tuple[str, str, int], tuple[int, ...]] = {}  # last raw output shape, for messages
+
+    def _check_reduce(self, reduce: Any, labels: list[str]) -> None:
+        """Every reduction spec is valid, and a dict names only captured layers (a typo would silently
+        store the full layer): checked before any forward pass."""
+        if not isinstance(reduce, Mapping):
+            _chain(reduce)
+            return
+        bases = set(labels) | {"input"}
+        for key, spec in reduce.items():
+            m = _CALL.match(key) if isinstance(key, str) else None
+            base = m.group(1) if m and m.group(1) else key  # 'relu:1' -> 'relu'
+            if key not in bases and base not in bases:
+                raise InputError(f"reduce names layer {key!r}, which is not captured; captured: {', '.join(labels)}")
+            _chain(spec)
 
     @staticmethod
     def _label(req: tuple[str, str, str, int | None]) -> str:
