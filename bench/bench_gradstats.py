@@ -1,7 +1,7 @@
 """Benchmark: per-example gradient statistics against a plain training step, side by side in one process.
 
     python bench/bench_gradstats.py [--device cpu|cuda] [--models mlp,convnet3,alexnet,resnet18,transformer]
-                                    [--batch 256,1024] [--width 1.0] [--repeats 5] [--skip-vmap]
+                                    [--batch 256,1024] [--width 1.0] [--repeats 5] [--threads N] [--skip-vmap]
                                     [--profile MODEL] [--check]
 
 For every model and batch it prints the median wall time (after a warm-up) of
@@ -122,12 +122,15 @@ def main() -> None:
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--skip-vmap", action="store_true", help="skip the vmap route (n x params memory)")
     ap.add_argument("--profile", default=None, help="print the torch profiler's top operators for this model")
     ap.add_argument("--check", action="store_true", help="compare recorder and one-shot statistics first")
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
