@@ -98,3 +98,23 @@ def test_invariances(seed, scale, shift, wide):
         assert r.effective_rank == pytest.approx(base.effective_rank, rel=1e-8)
     assert 1 - 1e-9 <= base.participation_ratio <= min(n - 1, d) + 1e-9
     assert 1 - 1e-9 <= base.effective_rank <= min(n - 1, d) + 1e-9
+
+
+def test_companion_rows_names_are_registered_and_seeded(rng):
+    from geomprobe.companion import companion_rows
+    from geomprobe.registry import METRICS
+
+    y = np.repeat(np.arange(3), 20)
+    X = rng.standard_normal((60, 8)) + 2 * np.eye(8)[y]
+    W = rng.standard_normal((3, 8))
+    rows, notes = companion_rows(X, y, np.random.default_rng(0), train_labels=y[::-1], weights=W, logits=X @ W.T)
+    names = [m for m, _, _ in rows]
+    assert names == ["participation_ratio", "effective_rank", "nc1", "nc2_equinorm", "nc2_equiangular",
+                     "nc2_maxangle", "nc3", "nc4", "linear_probe_acc", "linear_probe_fit_acc",
+                     "averaging_probe_acc", "linear_probe_acc_train_labels"]
+    assert set(names) <= set(METRICS) and notes == []
+    again, _ = companion_rows(X, y, np.random.default_rng(0), train_labels=y[::-1], weights=W, logits=X @ W.T)
+    assert again == rows
+    one, notes = companion_rows(X, np.zeros(60, int), np.random.default_rng(0))
+    assert [m for m, _, _ in one] == ["participation_ratio", "effective_rank"]
+    assert "neural collapse skipped: 1 class(es)" in notes[0] and "linear probe skipped" in notes[1]
