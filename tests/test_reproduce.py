@@ -370,3 +370,28 @@ def test_e2_analysis_per_class_outside_the_capture_is_refused_before_training(tm
                                          rf"\(0: all captured examples\), got {value}"):
         run_experiment("label-noise-geometry", o, tmp_path / "r", preset="tiny", summarize=False)
     assert not (tmp_path / "r" / "train").exists()
+
+
+def test_report_states_the_analysis_and_its_command_reproduces_the_numbers(runs, tmp_path, capsys):
+    """Issue 16: the E2 report (and so the demo's) writes its analysis options and the `geomprobe analyze`
+    command; running exactly that command gives the same rows as the summary's cached analysis."""
+    import shlex
+
+    from geomprobe.trainers.report import build_report
+
+    d = runs["label-noise-geometry"]
+    s = effects.summarize(d, n_reps=1, n_t=20, tags=("best", "final"))
+    a = s["data"]["analysis"]
+    assert a["files"] == ["acts_best.npz", "acts_final.npz"] and (a["n_reps"], a["n_t"], a["per_class"]) == (1, 20, 4)
+    text = build_report(d, umap=False, quiet=True).read_text()
+    assert "## Analysis" in text and "n_reps 1, n_t 20, per_class 4 (M)" in text
+    cmds = [x for x in text.split("```sh\n", 1)[1].split("```")[0].splitlines() if x.startswith("geomprobe analyze")]
+    assert len(cmds) == len(a["seeds"]) == 1
+    argv = shlex.split(cmds[0])[1:]
+    out = argv[argv.index("-o") + 1]
+    argv[argv.index("-o") + 1] = str(tmp_path / "again")  # the same command, into a fresh folder
+    assert main(argv + ["--quiet"]) == 0, capsys.readouterr().err
+    mine = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    cached = json.loads((d / "analysis" / "metrics.json").read_text())
+    assert out.endswith("reanalysis") and mine["options"] == cached["options"]
+    assert mine["rows"] == cached["rows"] and any(r["metric"] == "capacity" for r in mine["rows"])
