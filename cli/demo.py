@@ -1,9 +1,12 @@
-"""``geomprobe demo``: the embedded default. Trains a real network (about a minute on a CPU) and analyses it.
+"""``geomprobe demo``: the embedded default. Trains a real network on a CPU and analyses it.
 
 Default (needs torch, matplotlib): the feed-forward net of paper 003 on synthetic spheres with half of the
-training labels permuted (eps = 0.5), activations saved at init / best / final epoch, MFTMA analysis
-(``OUT/analysis/metrics.csv``), the key table (permuted capacity per layer at the best vs the final
-epoch), ``OUT/summary.json`` and the report ``OUT/report/report.md``.
+training labels permuted (eps = 0.5), activations saved at init / best / final epoch, MFTMA analysis of
+the best and final epochs (``OUT/analysis/metrics.csv``), the key table (capacity per layer and subset
+at the best vs the final epoch), the effects (with the reason of any not shown), ``OUT/summary.json``
+and the report ``OUT/report/report.md``, whose section "Analysis" gives the ``geomprobe analyze``
+command that reproduces the numbers. Progress goes to stderr: tqdm bars in a terminal, otherwise a
+line at most every 10 s. Timings: docs/reproducing.md, "The demo".
 
 ``--synthetic`` (and the fallback when torch is not installed, said on stderr): a seeded synthetic
 activations file analysed without torch.
@@ -36,11 +39,13 @@ DEMO_ANALYSIS = dict(n_reps=2, n_t=50)  # per_class: all captured examples (capt
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the embedded default: train a small net on label-noisy synthetic spheres (~1 min, CPU) and "
+        help="run the embedded default: train a small net on label-noisy synthetic spheres (CPU) and "
         "analyse its geometry",
         description="Train the feed-forward net of paper 003 on synthetic spheres with half of the training labels "
-        "permuted, save activations at the best and final epochs, run the MFTMA analysis, print permuted "
-        "capacity per layer (best vs final epoch) and write summary.json and report/report.md into --out. "
+        "permuted, save activations at the best and final epochs, run the MFTMA analysis, print capacity per "
+        "layer and subset (best vs final epoch) and the effects (with the reason of any not shown), and write "
+        "summary.json and report/report.md (with the analysis options and the `geomprobe analyze` command "
+        "that reproduces the numbers) into --out. "
         "--synthetic analyses a synthetic activations file instead (no torch needed).",
     )
     p.add_argument("--out", default="geomprobe-demo", help="output directory (default: geomprobe-demo)")
@@ -145,9 +150,9 @@ class Progress:
             return
         self.last = now
         el = now - self.t0
-        eta = el / done * (self.total - done) if done else float("nan")
+        eta = el / done * (self.total - done) if done else 0.0
         print(f"geomprobe demo: {self.desc} {done}/{self.total} {self.unit}s, {el:.0f} s elapsed"
-              + (f", ETA {eta:.0f} s" if done < self.total else "") + (f" ({info})" if info else ""),
+              + (f", ETA {eta:.0f} s" if 0 < done < self.total else "") + (f" ({info})" if info else ""),
               file=sys.stderr, flush=True)
 
     def close(self) -> None:

@@ -348,3 +348,23 @@ def test_train_hint_command_runs(tmp_path, capsys):
     assert files
     rest = words[words.index("-o"):]
     assert main(["analyze"] + files + rest + ["--no-mftma", "--quiet"]) == 0
+
+
+def test_demo_shows_progress_and_the_reason_of_every_effect_not_shown(tmp_path, capsys):
+    """Issue 16: progress for training and analysis when stderr is not a terminal (one line at the end of
+    each phase at least), and a reason under every effect not shown (here capacity is off: --no-mftma)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "2", "--no-mftma"]) == 0
+    cap = capsys.readouterr()
+    assert "geomprobe demo: training 2/2 epochs" in cap.err
+    assert "geomprobe demo: analysis 48/48 tasks" in cap.err  # 2 files x 6 layers x 4 subsets
+    lines = cap.out.splitlines()
+    assert "label-noise-geometry (demo, seed 0): " in cap.out and "effects shown" in cap.out
+    for i, line in enumerate(lines):
+        if line.startswith("  [ ] "):  # every effect not shown is followed by its reason
+            assert lines[i + 1].startswith("      not shown: "), lines[i:i + 2]
+    assert sum(x.startswith("  [ ] best_epoch_permuted") for x in lines) == 1
+    assert any(x.startswith("  [-] rewinding_last_layers_recovers_test_accuracy: not measured: paper 003")
+               for x in lines)
+    report = (out / "report" / "report.md").read_text()
+    assert "## Analysis" in report and "--no-mftma" in report

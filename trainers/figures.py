@@ -122,7 +122,8 @@ def e2_mftma(summary: dict):
             if metric == "radius":  # a mean over classes: one class whose center is nearly projected out by the
                 ax.set_yscale("log")  # center-correlation step has R >> 1 and would flatten a linear axis
             ax.set(xlabel="layer", ylabel=ylab, title=f"{metric} at {tag} (epoch {d['files'][tag]['epoch']})")
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:  # --no-mftma: no capacity rows, nothing to label
+                ax.legend(fontsize=7)
     fig.suptitle(f"E2 MFTMA geometry per subset (mean over the classes, as the reference; M = {d['M']} examples "
                  "per class)")
     return fig
