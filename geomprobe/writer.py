@@ -42,17 +42,19 @@ def _check_name(name: Any, what: str) -> str:
 
 
 class _Spool:
-    """One key's rows: appended raw (C order) to a file; shape per row and dtype fixed by the first batch."""
+    """One key's rows: appended raw (C order) to a file; shape per row and dtype fixed by the first batch.
+    The file is opened per append (no descriptor held: a model may have thousands of layers)."""
 
     def __init__(self, folder: Path, index: int, row_shape: tuple[int, ...], dtype: np.dtype):
         self.file = folder / f"{index}.raw"
-        self.fh = open(self.file, "wb", buffering=1 << 20)
+        self.file.touch()
         self.row_shape = row_shape
         self.dtype = dtype
         self.rows = 0
 
     def append(self, arr: np.ndarray) -> None:
-        np.ascontiguousarray(arr, dtype=self.dtype).tofile(self.fh)
+        with open(self.file, "ab") as fh:
+            np.ascontiguousarray(arr, dtype=self.dtype).tofile(fh)
         self.rows += arr.shape[0]
 
 
@@ -176,8 +178,7 @@ class ActivationWriter:
         for k, a in arrays.items():
             sp = self._spools.get(k)
             if sp is None:
-                dtype = a.dtype if k.startswith(("act/", "grad/")) else arrays[k].dtype
-                sp = self._spools[k] = _Spool(self._folder, len(self._spools), tuple(a.shape[1:]), dtype)
+                sp = self._spools[k] = _Spool(self._folder, len(self._spools), tuple(a.shape[1:]), a.dtype)
             sp.append(a)
         self.n += nb
         self.n_batches += 1
@@ -216,8 +217,6 @@ class ActivationWriter:
             if small[key].dtype.hasobject:
                 self.abort()
                 raise InputError(f"{self.path}: extra key {key!r} has dtype object; save numeric arrays")
-        for sp in self._spools.values():
-            sp.fh.close()
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp.npz", dir=self.path.parent)
         os.close(fd)
         try:
@@ -259,9 +258,6 @@ class ActivationWriter:
 
     def abort(self) -> None:
         """Drop everything written so far (the spool folder); the target is left untouched."""
-        for sp in self._spools.values():
-            if not sp.fh.closed:
-                sp.fh.close()
         self.closed = True
         self._cleanup()
 
