@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
-import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -299,9 +298,9 @@ class Capture:
     # -- hook functions ----------------------------------------------------------------------------
     def _spec(self, base: str, idx: int | None) -> Any:
         spec = self._reduce_spec
-        if isinstance(spec, Mapping):
-            spec = spec.get(f"{base}:{idx}", spec.get(base, "flatten")) if idx is not None else spec.get(base, "flatten")
-        return spec
+        if not isinstance(spec, Mapping):
+            return spec
+        return spec.get(f"{base}:{idx}", spec.get(base, "flatten")) if idx is not None else spec.get(base, "flatten")
 
     def _reducer(self, base: str, idx: int | None):
         """The reduction of one call of a module (a random projection is seeded by the module's name, so
