@@ -81,7 +81,9 @@ def load_metrics(outdir: str | os.PathLike) -> MetricsTable:
         raise InputError(f"{out}: not a directory (expected the output folder of `geomprobe analyze`)")
     path = out / "metrics.csv"
     if not path.is_file():
-        raise InputError(f"{out}: no metrics.csv (not an output folder of `geomprobe analyze`)")
+        inner = [p.parent for p in sorted(out.glob("*/metrics.csv"))]
+        hint = f"; did you mean {', '.join(map(str, inner[:3]))}?" if inner else ""
+        raise InputError(f"{out}: no metrics.csv (not an output folder of `geomprobe analyze`){hint}")
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         need = {"file", "layer", "subset", "metric", "class", "value"}
@@ -147,7 +149,7 @@ def series(table: MetricsTable, metric: str, subset: str, *, radius: str = "medi
                     continue
             agg = [r["value"] for r in sel if r["class"] == ""]
             if agg:
-                y[i] = agg[0]
+                y[i] = agg[0] if math.isfinite(agg[0]) else np.nan  # +-inf is not drawn (a gap, like NaN)
                 seen = True
         if seen:
             out[f] = (layers, y, lo, hi)

@@ -118,7 +118,9 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, outdir, capsys, monkeypat
     assert main(["plot", str(tmp_path / "nope")]) == 2
     assert "nope: not a directory" in capsys.readouterr().err
     assert main(["plot", str(tmp_path)]) == 2
-    assert "no metrics.csv (not an output folder of `geomprobe analyze`)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no metrics.csv (not an output folder of `geomprobe analyze`); did you mean" in err
+    assert str(outdir) in err  # a `geomprobe train` folder holds its analysis one level down
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "metrics.csv").write_text("file,layer,value\nx,y,1\n")
