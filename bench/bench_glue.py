@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from geomprobe import glue_analysis
-from geomprobe.glue import _cvxpy_dual, _solve_fast
+from geomprobe.glue import _block, _cvxpy_dual, _solve_fast
 from geomprobe.mftma.simcap import draw_dichotomy
 
 
@@ -54,7 +54,7 @@ def main(argv=None):
     K = X @ X.T
     LAM = np.zeros_like(B)
     t0 = time.perf_counter()
-    STAT, RES = _solve_fast(K, X, True, SGN, B, LAM, block=max(16, P))
+    STAT, RES = _solve_fast(K, X, True, SGN, B, LAM, block=_block(P))
     t_fast = (time.perf_counter() - t0) / B.shape[0]
     ns = args.cvxpy_samples
     t0 = time.perf_counter()
@@ -78,7 +78,7 @@ def main(argv=None):
     T, SGN, B = draws(X, P, y, n_t)
     LAM = np.zeros_like(B)
     t0 = time.perf_counter()
-    _solve_fast(K, X, True, SGN, B, LAM, block=P)
+    _solve_fast(K, X, True, SGN, B, LAM, block=_block(P))
     t_solve = time.perf_counter() - t0
     t0 = time.perf_counter()
     r = glue_analysis(X, y, n_t=n_t, seed=0)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .mftma_anchors import _accept_or_step, _chol_solve
+from .mftma_anchors import _accept_or_step
 from .mftma_simcap import _chol_delete
 
 _DEP_TOL = 1e-11      # Cholesky pivot test (fraction of the squared column norm), as mftma_anchors
@@ -39,9 +39,18 @@ _VIOL_TOL = 1e-13     # violator threshold, relative to max |b|
 @njit(cache=True, nogil=True)
 def _solve_b(L, k, idx, b, rhs, yv):
     """yv = least-squares solution on the passive set idx[:k] (G_PP yv = b_P via the factor L)."""
-    for q in range(k):
-        rhs[q] = b[idx[q]]
-    _chol_solve(L, k, rhs, yv)
+    for r in range(k):                 # forward by rows of L
+        acc = b[idx[r]]
+        Lr = L[r]
+        for c in range(r):
+            acc -= Lr[c] * yv[c]
+        yv[r] = acc / Lr[r]
+    for r in range(k - 1, -1, -1):     # backward by columns of L^T = rows of L (contiguous)
+        Lr = L[r]
+        yr = yv[r] / Lr[r]
+        yv[r] = yr
+        for c in range(r):
+            yv[c] -= Lr[c] * yr
 
 
 @njit(cache=True, nogil=True)
@@ -181,7 +190,7 @@ def _gram_entry(K, X, use_k, i, j):
 
 
 @njit(cache=True, nogil=True)
-def joint_dual(K, X, use_k, sgn, b, lam, block, max_iter):
+def joint_dual(K, X, use_k, sgn, b, lam, block, max_iter, inner_block=32):
     """Exact dual of one joint anchor QP by column generation (module docstring).
 
     K: (n, n) point Gram X X^T (read only when use_k), X: (n, N) points, sgn: (n,) +-1, b: (n,),
@@ -278,7 +287,7 @@ def joint_dual(K, X, use_k, sgn, b, lam, block, max_iter):
                 Gw[q, nw] = g
                 Gw[nw, q] = g
             nw += 1
-        r = _lh_block(Gw, bw, zw, nw, kst, L, idx, passive, excluded, rhs, yv, ww, wcand, dep, 32, max_iter)
+        r = _lh_block(Gw, bw, zw, nw, kst, L, idx, passive, excluded, rhs, yv, ww, wcand, dep, inner_block, max_iter)
         if r < 0:
             status = 1
             break
