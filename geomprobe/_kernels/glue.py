@@ -194,9 +194,11 @@ def joint_dual(K, X, use_k, sgn, b, lam, block, max_iter, inner_block=32):
     """Exact dual of one joint anchor QP by column generation (module docstring).
 
     K: (n, n) point Gram X X^T (read only when use_k), X: (n, N) points, sgn: (n,) +-1, b: (n,),
-    lam: (n,) output. Returns (status, kkt_residual, n_rounds, working_set_size): status 0 = ok,
-    1 = inner iteration cap, 2 = a round added no column although the KKT check failed (the
-    residual then tells by how much)."""
+    lam: (n,) output; block: columns entering the working set per round; inner_block: columns entering
+    the restricted active set per gradient pass. Returns (status, kkt_residual, n_rounds,
+    working_set_size): status 0 = ok, 1 = inner iteration cap. A KKT violation left by columns that
+    the pivot test excluded (dependent to rounding) shows only in the residual, which the caller
+    checks."""
     n = b.shape[0]
     N = X.shape[1]
     bmax = 0.0
