@@ -4,7 +4,8 @@ Blocks fenced as ```sh, ```bash, ```shell, ```console, ```python or ```py are ru
 (```text, ```json, ...) are not. A marker on the line directly above a fence changes that:
 
     <!-- docs-test: skip (reason) -->   not run; the reason is required and shown as the skip reason
-    <!-- docs-test: slow -->            run only with ``pytest -m slow`` (long blocks)
+    <!-- docs-test: slow -->            run only with ``pytest -m slow`` (long blocks; an optional
+                                        reason in parentheses is allowed: ``slow (reason)``)
 
 How a file's blocks run (one test per block; the test id is ``FILE:LINE`` of the opening fence):
 - in order, in one fresh temporary working directory per file, so a block can use the files that
@@ -64,7 +65,7 @@ class Block:
 
     @property
     def slow(self) -> bool:
-        return self.marker == "slow"
+        return self.marker is not None and re.fullmatch(r"slow(\s*\(.+\))?", self.marker) is not None
 
     @property
     def skip_reason(self) -> str | None:
@@ -119,9 +120,9 @@ def parse_blocks(path: pathlib.Path, root: pathlib.Path = ROOT) -> tuple[list[Bl
     for b in blocks:
         if b.marker is None:
             continue
-        if b.marker != "slow" and b.skip_reason is None:
+        if not b.slow and b.skip_reason is None:
             problems.append(f"{rel}:{b.marker_line}: unknown docs-test marker {b.marker!r} "
-                            "(use 'skip (reason)' or 'slow')")
+                            "(use 'skip (reason)', 'slow' or 'slow (reason)')")
         elif b.skip_reason == "":
             problems.append(f"{rel}:{b.marker_line}: 'docs-test: skip' needs a reason in parentheses")
         elif not b.runs:
@@ -274,7 +275,7 @@ def _parse_text(tmp_path, text):
 def test_parser_reads_languages_markers_and_lines(tmp_path):
     text = ("# t\n"
             "```sh\necho a\n```\n"
-            "<!-- docs-test: slow -->\n```python\nprint(1)\n```\n"
+            "<!-- docs-test: slow (compiles) -->\n```python\nprint(1)\n```\n"
             "<!-- docs-test: skip (needs a GPU) -->\n```console\n$ nvidia-smi\n```\n"
             "```text\nnot run\n```\n")
     blocks, problems = _parse_text(tmp_path, text)
@@ -341,3 +342,37 @@ def test_readme_explains_every_column_of_the_printed_table():
         cells = [c.strip().strip("`") for c in ln.strip("|").split("|")]
         documented[cells[0]] = cells[1]
     assert documented == {abbr: metric for metric, abbr in TABLE_METRICS}
+
+
+# Fences without a language are neither run nor declared output. Files listed here still have some
+# (their owners were asked to name the language: sh/python to run, text for output); the xfail is
+# strict, so a fixed file must leave this list.
+_UNTAGGED_PENDING: dict[str, str] = {
+    "docs/performance.md": "trainers section: a command and its output (console, or sh + text)",
+    "docs/reproducing.md": "commands and output blocks being edited by the trainers' owner",
+    "docs/trainers.md": "commands and output blocks being edited by the trainers' owner",
+}
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=[pytest.mark.xfail(strict=True, reason=_UNTAGGED_PENDING[p])] if p in _UNTAGGED_PENDING else [])
+    for p in [f.relative_to(ROOT).as_posix() for f in doc_files()]
+])
+def test_every_fence_names_its_language(path):
+    """A block with commands but no language would silently escape these tests: every fence says
+    what it holds (sh / console / python are run; text, json, ... are not)."""
+    blocks, _ = parse_blocks(ROOT / path)
+    untagged = [b.id for b in blocks if not b.lang]
+    assert untagged == [], f"fences without a language (use text for output): {untagged}"
+
+
+def test_developing_layout_names_every_core_module():
+    """docs/developing.md's layout lists every module and subpackage of geomprobe/ and every kernel file."""
+    text = (ROOT / "docs" / "developing.md").read_text(encoding="utf-8")
+    layout = text[text.index("## Layout"):text.index("## Conventions")]
+    core = ROOT / "geomprobe"
+    names = [p.name for p in core.glob("*.py") if p.name != "__init__.py"]
+    names += [p.name + "/" for p in core.iterdir() if (p / "__init__.py").is_file()]
+    names += [p.name for p in (core / "_kernels").glob("*.py") if p.name != "__init__.py"]
+    missing = sorted(n for n in set(names) if not re.search(rf"(?<![\w.]){re.escape(n)}", layout))
+    assert missing == [], f"docs/developing.md layout omits: {missing}"
