@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from geomprobe._validation import InputError
 
-from .rules import Explicit, Factors, Scatter, coupling_batchnorms, rule_for
+from .rules import ConvFactors, Explicit, Factors, Scatter, coupling_batchnorms, rule_for
 
 DEFAULT_BUDGET = 2 ** 26  # elements of a temporary (256 MiB in float32)
 METHODS = ("auto", "gram", "explicit")
@@ -320,6 +320,8 @@ def _param(module: nn.Module, name: str):
 
 
 def _cast(blk, dtype):
+    if isinstance(blk, ConvFactors):
+        return blk.to(dtype)
     if isinstance(blk, Factors):
         return Factors(blk.D.to(dtype), blk.A.to(dtype), blk.rows)
     if isinstance(blk, Explicit):
@@ -419,9 +421,9 @@ class ClassLayout:
 
 def choose_form(blk: Factors, K: int, r: int, method: str, budget: int) -> str:
     n, G, T, p = blk.D.shape
-    q = blk.A.shape[3]
     if method == "explicit" or T != 1:
         return "explicit"
+    q = blk.A.shape[3]
     if method == "gram":
         return "gram"
     gram = n * n * G * (p + q) + n * n * K * r
@@ -504,12 +506,36 @@ def fused_factor_sums(blk: Factors, lay: ClassLayout, budget: int):
     backward's weight gradient), and from it ||g_i||^2 and, per class and overall,
     ||sum g_i||^2 and ||sum g_i/||g_i|| ||^2. Returns (sq (n,), cls (K, 2), tot (2,)) in the block's
     dtype. Replaces a per-example norm pass plus two per-class products (three times the cost)."""
-    D, A = blk.D, blk.A
+    D = blk.D
     n, G, T, p = D.shape
-    q = A.shape[3]
+    q = blk._m.weight[0].numel() if isinstance(blk, ConvFactors) else blk.A.shape[3]
+    A = None if isinstance(blk, ConvFactors) else blk.A
     d = G * p * q
-    order, bounds = lay.segments()
     sq = torch.empty(n, dtype=D.dtype, device=D.device)
+
+    def grads(idx):
+        m = idx.shape[0]
+        if isinstance(blk, ConvFactors):  # the convolution's weight-gradient kernel, examples as groups
+            Gc = blk.per_example(idx)
+        else:
+            Gc = torch.bmm(D[idx].reshape(m * G, T, p).transpose(1, 2), A[idx].reshape(m * G, T, q)).view(m, d)
+        sqc = Gc.pow(2).sum(1)
+        sq[idx] = sqc
+        w = torch.where(sqc > 0, sqc.clamp_min(torch.finfo(sqc.dtype).tiny).rsqrt(), torch.zeros_like(sqc))
+        return Gc, w
+
+    if 2 * lay.K * d <= budget // 2:
+        # every class's two sums fit: chunks of consecutive examples, index_add_ into (2K, d)
+        acc = torch.zeros(2 * lay.K, d, dtype=D.dtype, device=D.device)
+        step = max(1, (budget // 2) // max(1, 2 * d))
+        for s in range(0, n, step):
+            idx = torch.arange(s, min(n, s + step), device=D.device)
+            Gc, w = grads(idx)
+            c2 = 2 * lay.codes[idx]
+            acc.index_add_(0, torch.cat([c2, c2 + 1]), torch.cat([Gc, w[:, None] * Gc]))
+        acc = acc.view(lay.K, 2, d)
+        return sq, acc.pow(2).sum(2), acc.sum(0).pow(2).sum(1)
+    order, bounds = lay.segments()
     cls = torch.zeros(lay.K, 2, dtype=D.dtype, device=D.device)
     total = torch.zeros(2, d, dtype=D.dtype, device=D.device)
     step = max(1, budget // max(1, d))
@@ -518,12 +544,7 @@ def fused_factor_sums(blk: Factors, lay: ClassLayout, budget: int):
             continue
         acc = torch.zeros(2, d, dtype=D.dtype, device=D.device)
         for s in range(a, b, step):
-            idx = order[s:min(b, s + step)]
-            m = idx.shape[0]
-            Gc = torch.bmm(D[idx].reshape(m * G, T, p).transpose(1, 2), A[idx].reshape(m * G, T, q)).view(m, d)
-            sqc = Gc.pow(2).sum(1)
-            sq[idx] = sqc
-            w = torch.where(sqc > 0, sqc.clamp_min(torch.finfo(sqc.dtype).tiny).rsqrt(), torch.zeros_like(sqc))
+            Gc, w = grads(order[s:min(b, s + step)])
             acc += torch.stack([torch.ones_like(w), w]) @ Gc
         cls[k] = acc.pow(2).sum(1)
         total += acc
@@ -569,11 +590,15 @@ def block_materialise(blk, s: int, e: int) -> torch.Tensor:
         keys = torch.arange(m, device=idx.device).repeat_interleave(T) * blk.num + idx.reshape(-1)
         out = torch.zeros(m * blk.num, D.shape[2], dtype=D.dtype, device=D.device)
         return out.index_add_(0, keys, D.reshape(m * T, -1)).view(m, -1)
+    if isinstance(blk, ConvFactors):
+        return blk.per_example(torch.arange(s, e, device=blk.D.device))
     D, A = blk.D[s:e], blk.A[s:e]
     return torch.einsum("ngtp,ngtq->ngpq", D, A).reshape(e - s, -1)
 
 
 def block_numel(blk) -> int:
+    if isinstance(blk, ConvFactors):
+        return int(blk._m.weight.numel())
     if isinstance(blk, Explicit):
         return int(math.prod(blk.V.shape[1:]))
     if isinstance(blk, Scatter):

@@ -43,6 +43,41 @@ class Factors:
             self.D, self.A = self.D[:, None], self.A[:, None]
 
 
+class ConvFactors(Factors):
+    """Factors of a ConvNd weight whose A (the unfolded input) is formed only if a route asks for it;
+    per-example gradients come from the convolution's own weight-gradient kernel with the examples
+    as groups (:meth:`per_example`), without unfolding."""
+
+    def __init__(self, D: torch.Tensor, x: torch.Tensor, d: torch.Tensor, module: nn.Module):
+        self.D, self.rows = D, None
+        self._x, self._d, self._m, self._A = x, d, module, None
+
+    @property
+    def A(self) -> torch.Tensor:
+        if self._A is None:
+            self._A = unfold_conv_input(self._m, self._x)
+        return self._A
+
+    def to(self, dtype):
+        return ConvFactors(self.D.to(dtype), self._x.to(dtype), self._d.to(dtype), self._m)
+
+    def per_example(self, idx: torch.Tensor) -> torch.Tensor:
+        """(k, numel) per-example weight gradients of the examples ``idx``."""
+        m, k = self._m, idx.shape[0]
+        nd = len(m.kernel_size)
+        x = self._x[idx]
+        pad = tuple(m._reversed_padding_repeated_twice)
+        if any(pad):
+            x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+        d = self._d[idx]
+        w = m.weight.detach().to(d.dtype)
+        wk = w.unsqueeze(0).expand(k, *w.shape).reshape(k * w.shape[0], *w.shape[1:])
+        gw = torch.ops.aten.convolution_backward(
+            d.reshape(1, k * d.shape[1], *d.shape[2:]), x.reshape(1, k * x.shape[1], *x.shape[2:]), wk, None,
+            list(m.stride), [0] * nd, list(m.dilation), False, [0] * nd, k * m.groups, [False, True, False])[1]
+        return gw.reshape(k, -1)
+
+
 @dataclass
 class Explicit:
     """The per-example gradients themselves, (n, ...) with the parameter's (or slice's) shape."""
@@ -151,9 +186,8 @@ def conv_rule(m, inputs, output, grad, batch_dim):
         raise InputError(f"{type(m).__name__} input must be batched, shape (n, C, ...{len(m.kernel_size)} dims), "
                          f"got shape {tuple(x.shape)}")
     n, G = x.shape[0], m.groups
-    A = unfold_conv_input(m, x)
     D = d.reshape(n, G, d.shape[1] // G, -1).transpose(2, 3)  # n, G, T, Cout/G
-    out = {"weight": Factors(D, A)}
+    out = {"weight": ConvFactors(D, x, d, m)}
     if m.bias is not None:
         out["bias"] = Explicit(d.reshape(n, d.shape[1], -1).sum(2))
     return out
