@@ -84,12 +84,20 @@ def train_overhead(epochs: int) -> list[tuple]:
     x = torch.randn(n, 1, 32, 32, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
     times = {False: [], True: []}
-    finish = []
+    finish, inside, own = [], [], []
     for rep in range(epochs):
         for rec_on in (False, True):
             model = Mo.build_model("alexnet", (1, 32, 32), 10, width=0.125, seed=0)
             rec = ScoreRecorder(n, el2n_epoch=1, grad_norms=True) if rec_on else None
-            if rec is not None:  # time finish() (gradient norms + table) separately
+            if rec is not None:  # time on_batch / end_epoch (inside the epoch) and finish() (once) separately
+                for meth in ("on_batch", "end_epoch"):
+                    def timed_m(*a, _o=getattr(rec, meth), **k):
+                        t = time.perf_counter()
+                        r = _o(*a, **k)
+                        inside.append(time.perf_counter() - t)
+                        return r
+                    setattr(rec, meth, timed_m)
+                inside_before = len(inside)
                 orig = rec.finish
 
                 def timed(*a, _o=orig, **k):
@@ -104,13 +112,16 @@ def train_overhead(epochs: int) -> list[tuple]:
                 res = train(model, x, y, cfg=TrainConfig(epochs=1, batch_size=128, optimizer="adam", lr=1e-3,
                                                          progress="off", keep_every=0), out=out, scores=rec)
             times[rec_on].append(res.history[-1]["time"])
+            if rec is not None:
+                own.append(sum(inside[inside_before:]))
     t_off, t_on = min(times[False]), min(times[True])
     return [("training epoch, no recorder (AlexNet/8, 5,000 images)", t_off, None),
             ("training epoch, ScoreRecorder (forgetting, AUM, EL2N)", t_on, 1.05),
+            ("  of which the recorder's own calls (on_batch + end_epoch)", min(own), 0.05),
             ("after training: per-layer gradient norms + scores.csv (once)", min(finish), None)]
 
 
-def observe(seed: int, preset: str, sets: list[str], out: str) -> None:
+def observe(seed: int, preset: str, sets: list[str], out: str, config: str | None = None) -> None:
     """Run label-noise-geometry with a ScoreRecorder (injected around train(); experiments.py does not
     wire it yet) and print the per-subset scores and the per-layer companion rows of the final epoch."""
     from pathlib import Path
@@ -133,10 +144,13 @@ def observe(seed: int, preset: str, sets: list[str], out: str) -> None:
 
     E.train = train_with_scores
     outp.mkdir(parents=True, exist_ok=True)
-    o = E.options_for("label-noise-geometry", preset, sets=sets, seed=seed)
+    import json
+
+    cfg = json.loads(Path(config).read_text()) if config else None
+    o = E.options_for("label-noise-geometry", preset, config=cfg, sets=sets, seed=seed)
     t = time.perf_counter()
     E.run_label_noise_geometry(o, outp, True)
-    print(f"trained in {time.perf_counter() - t:.0f} s (seed {seed}, preset {preset}, sets {sets})")
+    print(f"trained in {time.perf_counter() - t:.0f} s (seed {seed}, preset {preset}, config {config}, sets {sets})")
     s = score_summary(read_scores(outp))
     print("| subset | n | forgetting (learned) | never learned | EL2N | AUM |")
     print("|---|---|---|---|---|---|")
@@ -171,10 +185,11 @@ def main():
     ap.add_argument("--observe", type=int, metavar="SEED", help="label-noise run with scores (see observe())")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--set", action="append", default=[], dest="sets")
+    ap.add_argument("--config", help="options JSON for --observe (e.g. docs/configs/e2_small_spheres.json)")
     ap.add_argument("--out", default="/tmp/gp_observe")
     a = ap.parse_args()
     if a.observe is not None:
-        observe(a.observe, a.preset, a.sets, f"{a.out}_{a.preset}_s{a.observe}")
+        observe(a.observe, a.preset, a.sets, f"{a.out}_{a.preset}_s{a.observe}", a.config)
         return
     n, d = (12_500 if a.small else 50_000), 4096
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

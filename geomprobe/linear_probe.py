@@ -69,20 +69,22 @@ def probe_split(labels: np.ndarray, rng: np.random.Generator, test_fraction: flo
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def _solve(Xtr: np.ndarray, targets: list[np.ndarray], alpha: float):
-    """Ridge fits sharing one factorisation. Returns (predict(Xblock) -> list of score blocks, lambda, form)."""
-    n, d = Xtr.shape
-    mu = _moments.column_mean(Xtr)
+def _solve(X: np.ndarray, tr: np.ndarray, targets: list[np.ndarray], alpha: float):
+    """Ridge fits on X[tr] sharing one factorisation. Returns (predict(block) -> list of score blocks,
+    lambda, form); None for predict when lambda = 0 (every training row the same)."""
+    n, d = tr.size, X.shape[1]
+    mu = _moments.column_mean(X, rows=tr)
     Ys = [T - T.mean(axis=0) for T in targets]
     Ybar = [T.mean(axis=0) for T in targets]
     if d <= n:
-        S = _moments.centered_scatter(Xtr, mu)
+        S = _moments.centered_scatter(X, mu, rows=tr)
         lam = alpha * float(np.trace(S)) / d
         A = S + lam * np.eye(d)
-        XtY = [_moments.centered_cross(Xtr, Y, mu, np.zeros(Y.shape[1])) for Y in Ys]
+        # Xc^T Yc = X^T Yc (the columns of Yc sum to 0): products in X's dtype, no centred copy
+        XtY = [_moments.weighted_sums(X, Y, rows=tr).T for Y in Ys]
         form = "primal"
     else:
-        Xc = Xtr.astype(np.float64) - mu
+        Xc = X[tr].astype(np.float64) - mu
         G = Xc @ Xc.T
         lam = alpha * float(np.trace(G)) / d
         A = G + lam * np.eye(n)
@@ -98,10 +100,12 @@ def _solve(Xtr: np.ndarray, targets: list[np.ndarray], alpha: float):
         Ws = [scipy.linalg.cho_solve(cf, B, check_finite=False) for B in XtY]
     else:
         Ws = [Xc.T @ scipy.linalg.cho_solve(cf, Y, check_finite=False) for Y in Ys]
+    # score = (x - mu) W + ybar = x W + (ybar - mu W): the block is multiplied in its own dtype
+    Wx = [W.astype(X.dtype) for W in Ws]
+    offs = [yb - mu @ W for W, yb in zip(Ws, Ybar)]
 
     def predict(block: np.ndarray) -> list[np.ndarray]:
-        Bc = block.astype(np.float64) - mu
-        return [Bc @ W + yb for W, yb in zip(Ws, Ybar)]
+        return [(block @ W).astype(np.float64) + o for W, o in zip(Wx, offs)]
 
     return predict, lam, form
 
@@ -136,8 +140,7 @@ def linear_probe(X, labels, *, seed=0, test_fraction: float = 0.5, alpha: float 
         unseen = int(np.sum(~np.isin(v[te], classes[k])))
         if unseen:
             notes.append(f"{k}: {unseen} held-out row(s) have a class absent from the training part (counted wrong)")
-    Xtr = np.ascontiguousarray(X[tr])
-    predict, lam, form = _solve(Xtr, targets, alpha)
+    predict, lam, form = _solve(X, tr, targets, alpha)
     acc, fit = {}, {}
     if predict is None:
         notes.append("every training row is the same vector: the probe predicts the majority class")

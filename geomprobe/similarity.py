@@ -105,7 +105,8 @@ def _pair(a: PreparedLayer, b: PreparedLayer, *, procrustes: bool = True) -> tup
         cka1 = float("nan")
     ang = float("nan")
     if procrustes and a.trace > 0 and b.trace > 0:
-        nuc = float(np.linalg.svd(M, compute_uv=False).sum())
+        with _moments.one_blas_thread():
+            nuc = float(np.linalg.svd(M, compute_uv=False).sum())
         ang = math.acos(min(1.0, max(-1.0, nuc / math.sqrt(a.trace * b.trace))))
     return cka, cka1, ang
 

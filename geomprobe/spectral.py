@@ -60,7 +60,8 @@ def _second_moment(X: np.ndarray, center: bool) -> np.ndarray:
 
 
 def _from_moment(S: np.ndarray, n: int, d: int, center: bool) -> SpectrumResult:
-    lam = np.linalg.eigvalsh(S)[::-1]
+    with _moments.one_blas_thread():
+        lam = np.linalg.eigvalsh(S)[::-1]
     # eigenvalues below rounding level (max(n, d) * eps * largest) are zero: their square roots (~1e-8 of
     # the largest singular value) would otherwise enter the entropy
     lam = np.where(lam > max(n, d) * np.finfo(np.float64).eps * max(lam[0], 0.0), lam, 0.0)

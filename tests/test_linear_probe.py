@@ -46,10 +46,11 @@ def test_primal_and_dual_scores_agree(rng):
 
     X, y = _data(rng, n=60, d=40)
     T = (y[:, None] == np.unique(y)).astype(float)
-    predict_p, lam_p, form_p = _solve(X, [T], 0.05)
+    rows = np.arange(60)
+    predict_p, lam_p, form_p = _solve(X, rows, [T], 0.05)
     assert form_p == "primal"
     Xw = np.hstack([X, np.zeros((60, 30))])  # 70 > 60 features: dual; zero columns change nothing
-    predict_w, lam_w, form_w = _solve(Xw, [T], 0.05 * 70 / 40)  # same lambda (tr / d scaling)
+    predict_w, lam_w, form_w = _solve(Xw, rows, [T], 0.05 * 70 / 40)  # same lambda (tr / d scaling)
     assert form_w == "dual" and lam_w == pytest.approx(lam_p, rel=1e-12)
     np.testing.assert_allclose(predict_w(Xw)[0], predict_p(X)[0], rtol=1e-10, atol=1e-10)
     _, _, scores = _twin_acc(X, y, np.arange(60), np.arange(60), 0.05)
