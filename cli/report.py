@@ -74,7 +74,7 @@ def effects_lines(summary: dict, skip: dict[str, str] | None = None) -> list[str
         lines.append(f"  [{'x' if e['passed'] else ' '}] {e['name']}")
         if not e["passed"]:
             m = e.get("measured")
-            if isinstance(m, dict) and set(m) == {"missing": 0}.keys():
+            if isinstance(m, dict) and set(m) == {"missing"}:
                 lines.append(f"      not shown: not measured, missing {m['missing']}")
             else:
                 text = _fmt(m)
