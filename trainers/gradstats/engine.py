@@ -399,6 +399,16 @@ class ClassLayout:
             self._bounds = [(bounds[k], bounds[k + 1]) for k in range(self.K)]
         return self._order, self._bounds
 
+    def present(self):
+        """(codes renumbered over the classes present in the batch, list of those classes)."""
+        if not hasattr(self, "_present"):
+            _, bounds = self.segments()
+            present = [k for k, (a, b) in enumerate(bounds) if b > a]
+            remap = torch.zeros(self.K, dtype=torch.long, device=self.codes.device)
+            remap[torch.as_tensor(present, device=self.codes.device)] = torch.arange(len(present), device=self.codes.device)
+            self._present = (remap[self.codes], present)
+        return self._present
+
     def padded(self):
         """((K, m_max) example indices per class, padded with n; m_max)."""
         if not hasattr(self, "_padded"):
@@ -500,6 +510,42 @@ def block_class_sq(blk, lay: ClassLayout, W: torch.Tensor, method: str, budget: 
     return cls, _sqsum(total.view(G, r, p, q), (0, 2, 3))
 
 
+def example_gram(blk: Factors, budget: int) -> torch.Tensor:
+    """(n, n) Gram <g_i, g_j> of one Factors block, any T: the position Grams (D D^T) o (A A^T) of each
+    group summed over the T x T blocks of every pair of examples, in row chunks within ``budget``."""
+    D, A = blk.D, blk.A
+    n, G, T, p = D.shape
+    q = A.shape[3]
+    Df = D.transpose(0, 1).reshape(G, n * T, p)
+    Af = A.transpose(0, 1).reshape(G, n * T, q)
+    out = torch.empty(n, n, dtype=D.dtype, device=D.device)
+    step = max(1, budget // max(1, 2 * G * T * T * n))
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        rows = slice(s * T, e * T)
+        B = torch.bmm(Df[:, rows], Df.transpose(1, 2)) * torch.bmm(Af[:, rows], Af.transpose(1, 2))
+        out[s:e] = B.sum(0).view(e - s, T, n, T).sum((1, 3))
+    return out
+
+
+def gram_class_sq(Gm: torch.Tensor, lay: ClassLayout, W: torch.Tensor):
+    """From the example Gram: (K, r) per-class ||sum_{i in c} W_ir g_i||^2 and (r,) overall."""
+    n, K, r = Gm.shape[0], lay.K, W.shape[1]
+    Wd = W.to(Gm.dtype)
+    PW = (lay.onehot(Gm.dtype)[:, :, None] * Wd[:, None, :]).reshape(n, K * r)
+    cls = (PW * (Gm @ PW)).sum(0).view(K, r)
+    return cls, (Wd * (Gm @ Wd)).sum(0)
+
+
+def prefer_gram(blk: Factors, K: int, r: int, budget: int) -> bool:
+    """The example Gram (any T) is cheaper than forming every per-example gradient once."""
+    n, G, T, p = blk.D.shape
+    d = G * p * (blk._m.weight[0].numel() if isinstance(blk, ConvFactors) else blk.A.shape[3])
+    gram = G * (n * T) ** 2 * (p + d // (G * p)) + n * n * K * r
+    fused = n * T * d + 4 * n * d
+    return gram < fused and n * n <= budget
+
+
 def fused_factor_sums(blk: Factors, lay: ClassLayout, budget: int):
     """One pass for a tensor made of one ``Factors`` block with T > 1 (convolutions, sequences):
     over class-sorted chunks of examples form G_i = D_i^T A_i (one batched product, the cost of the
@@ -524,17 +570,21 @@ def fused_factor_sums(blk: Factors, lay: ClassLayout, budget: int):
         w = torch.where(sqc > 0, sqc.clamp_min(torch.finfo(sqc.dtype).tiny).rsqrt(), torch.zeros_like(sqc))
         return Gc, w
 
-    if 2 * lay.K * d <= budget // 2:
-        # every class's two sums fit: chunks of consecutive examples, index_add_ into (2K, d)
-        acc = torch.zeros(2 * lay.K, d, dtype=D.dtype, device=D.device)
+    compact, present = lay.present()
+    Kp = len(present)
+    if 2 * Kp * d <= budget // 2:
+        # the two sums of every class present fit: chunks of consecutive examples, index_add_ into (2 Kp, d)
+        acc = torch.zeros(2 * Kp, d, dtype=D.dtype, device=D.device)
         step = max(1, (budget // 2) // max(1, 2 * d))
         for s in range(0, n, step):
             idx = torch.arange(s, min(n, s + step), device=D.device)
             Gc, w = grads(idx)
-            c2 = 2 * lay.codes[idx]
+            c2 = 2 * compact[idx]
             acc.index_add_(0, torch.cat([c2, c2 + 1]), torch.cat([Gc, w[:, None] * Gc]))
-        acc = acc.view(lay.K, 2, d)
-        return sq, acc.pow(2).sum(2), acc.sum(0).pow(2).sum(1)
+        acc = acc.view(Kp, 2, d)
+        cls = torch.zeros(lay.K, 2, dtype=D.dtype, device=D.device)
+        cls[torch.as_tensor(present, device=D.device)] = acc.pow(2).sum(2)
+        return sq, cls, acc.sum(0).pow(2).sum(1)
     order, bounds = lay.segments()
     cls = torch.zeros(lay.K, 2, dtype=D.dtype, device=D.device)
     total = torch.zeros(2, d, dtype=D.dtype, device=D.device)

@@ -25,7 +25,7 @@ from geomprobe._validation import InputError
 
 from .engine import (DEFAULT_BUDGET, METHODS, Capture, ClassLayout, block_class_sq, block_class_vectors,
                      block_materialise, block_numel, block_offset, block_sq, check_no_coupling, contributions,
-                     fused_factor_sums, select_targets)
+                     example_gram, fused_factor_sums, gram_class_sq, prefer_gram, select_targets)
 from .rules import Explicit, Factors
 from .sums import TensorSums
 
@@ -124,14 +124,23 @@ class GradientRecorder:
         labels = self.labels if self.labels is not None else np.zeros(n, np.int64)
         classes, codes = class_codes(labels, n, device, self.num_classes)
         lay = ClassLayout(codes, len(classes))
-        sq, fused = {}, {}
+        sq, fused, grams = {}, {}, {}
+        r = 3 if self.include_all else 2
         for k, bl in blocks.items():
-            if len(bl) == 1 and isinstance(bl[0], Factors) and bl[0].D.shape[2] > 1 and self.method != "gram":
-                s_, cls, tot = fused_factor_sums(bl[0], lay, self.budget)
+            b0 = bl[0]
+            single = len(bl) == 1 and isinstance(b0, Factors)
+            if single and self.method != "explicit" and (
+                    (self.method == "gram" and b0.D.shape[0] ** 2 <= self.budget)
+                    or prefer_gram(b0, lay.K, r, self.budget)):
+                Gm = example_gram(b0, self.budget)  # any T: <g_i, g_j> for every pair
+                sq[k], grams[k] = torch.diagonal(Gm).double(), Gm
+            elif single and b0.D.shape[2] > 1 and self.method != "gram":
+                s_, cls, tot = fused_factor_sums(b0, lay, self.budget)
                 sq[k], fused[k] = s_.double(), (cls.double(), tot.double())
             else:
                 sq[k] = sum(block_sq(b, self.budget).double() for b in bl)
-        self._cache.update(blocks=blocks, shapes=shapes, classes=classes, lay=lay, sq=sq, fused=fused)
+        self._cache.update(blocks=blocks, shapes=shapes, classes=classes, lay=lay, sq=sq, fused=fused,
+                           grams=grams)
         return self._cache
 
     # -- results --------------------------------------------------------------------------------
@@ -201,6 +210,11 @@ class GradientRecorder:
                 if k in c["fused"]:  # columns ones and 1/||g_i|| came with the norms
                     cls[:, :2], tot[:2] = c["fused"][k]
                     done = 2
+                if k in c["grams"]:
+                    a, t = gram_class_sq(c["grams"][k], lay, W)
+                    cls += a.double()
+                    tot += t.double()
+                    done = W.shape[1]
                 if done < W.shape[1]:
                     for b in blocks[k]:
                         a, t = block_class_sq(b, lay, W[:, done:], self.method, self.budget)
