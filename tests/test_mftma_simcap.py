@@ -199,6 +199,7 @@ def test_one_vs_rest_and_fixed_capacities(rng):
     fixed = empirical_capacity(X, y, n_rep=10, seed=0, dichotomies=np.r_[np.ones(5), -np.ones(5)])
     rnd = empirical_capacity(X, y, n_rep=10, seed=0)
     assert np.isfinite(ovr.capacity) and np.isfinite(fixed.capacity)
+    assert (ovr.dichotomies, fixed.dichotomies, rnd.dichotomies) == ("one_vs_rest", "fixed", "random")
     # one class against the rest with a bias is easier to separate than a balanced split
     assert ovr.capacity > rnd.capacity
     with pytest.raises(InputError, match=r"dichotomies must hold only \+1 and -1, got 2"):

@@ -23,7 +23,8 @@ class EmpiricalCapacityResult:
     """capacity = P / N_c; N_c = interpolated number of projections at which half of the random
     dichotomies are linearly separable; n_trace / p_trace = every evaluated n and its separable
     fraction, in evaluation order; critical_n[r] = smallest n at which trial r is separable
-    (N + 1 if never; 2 means <= 2); n_lp_fallback = separability tests decided by the LP fallback."""
+    (N + 1 if never; 2 means <= 2); n_lp_fallback = separability tests decided by the LP fallback;
+    dichotomies = the ensemble ("random", "one_vs_rest" or "fixed"); bias = hyperplanes with a bias."""
     capacity: float
     N_c: float
     P: int
@@ -35,6 +36,8 @@ class EmpiricalCapacityResult:
     n_tests: int
     n_lp_fallback: int
     notes: tuple[str, ...] = field(default_factory=tuple)
+    dichotomies: str = "random"
+    bias: bool = True
 
 
 def separable(Xp: np.ndarray, y: np.ndarray, bias: bool = True) -> tuple[bool, bool]:
@@ -383,5 +386,5 @@ def empirical_capacity(X, labels=None, *, n_rep: int = 30, seed=None,
     return EmpiricalCapacityResult(
         capacity=float(P / N_c) if np.isfinite(N_c) else np.nan, N_c=N_c, P=P, N=N, n_rep=n_rep,
         n_trace=np.array(trace_n), p_trace=np.array(trace_p), critical_n=crit, n_tests=n_tests,
-        n_lp_fallback=n_lp, notes=tuple(notes),
+        n_lp_fallback=n_lp, notes=tuple(notes), dichotomies=kind, bias=bool(bias),
     )
