@@ -407,3 +407,13 @@ def test_help_explains_the_table_abbreviations(capsys):
                            ("rho_c", "center_correlation"), ("omega_in", "rep_omega_in_class")]:
         assert re.search(rf"{abbrev}\s+= {metric}: \S", out), abbrev
     assert "0 = all" in out  # --per-class help agrees with its error message
+
+
+def test_docs_explain_every_table_abbreviation():
+    from pathlib import Path
+
+    from geomprobe.cli._common import TABLE_METRICS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "format.md").read_text()
+    for metric, head in TABLE_METRICS:
+        assert f"| `{head}` | `{metric}` |" in text, head
