@@ -565,7 +565,7 @@ def fused_factor_sums(blk: Factors, lay: ClassLayout, budget: int):
             Gc = blk.per_example(idx)
         else:
             Gc = torch.bmm(D[idx].reshape(m * G, T, p).transpose(1, 2), A[idx].reshape(m * G, T, q)).view(m, d)
-        sqc = Gc.pow(2).sum(1)
+        sqc = torch.linalg.vector_norm(Gc, dim=1).square()
         sq[idx] = sqc
         w = torch.where(sqc > 0, sqc.clamp_min(torch.finfo(sqc.dtype).tiny).rsqrt(), torch.zeros_like(sqc))
         return Gc, w
@@ -574,14 +574,15 @@ def fused_factor_sums(blk: Factors, lay: ClassLayout, budget: int):
     Kp = len(present)
     if 2 * Kp * d <= budget // 2:
         # the two sums of every class present fit: chunks of consecutive examples, index_add_ into (2 Kp, d)
-        acc = torch.zeros(2 * Kp, d, dtype=D.dtype, device=D.device)
-        step = max(1, (budget // 2) // max(1, 2 * d))
+        acc = torch.zeros(2, Kp, d, dtype=D.dtype, device=D.device)
+        step = max(1, (budget // 2) // max(1, d))
         for s in range(0, n, step):
             idx = torch.arange(s, min(n, s + step), device=D.device)
             Gc, w = grads(idx)
-            c2 = 2 * compact[idx]
-            acc.index_add_(0, torch.cat([c2, c2 + 1]), torch.cat([Gc, w[:, None] * Gc]))
-        acc = acc.view(Kp, 2, d)
+            c = compact[idx]
+            acc[0].index_add_(0, c, Gc)
+            acc[1].index_add_(0, c, Gc.mul_(w[:, None]))  # Gc is a temporary: scaled in place
+        acc = acc.transpose(0, 1)
         cls = torch.zeros(lay.K, 2, dtype=D.dtype, device=D.device)
         cls[torch.as_tensor(present, device=D.device)] = acc.pow(2).sum(2)
         return sq, cls, acc.sum(0).pow(2).sum(1)
