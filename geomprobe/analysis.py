@@ -216,15 +216,16 @@ def _stat_id(path: str) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def shared_file(path: str | os.PathLike, *, scan_values: bool = False) -> ActivationFile:
+def shared_file(path: str | os.PathLike, *, scan_values: bool = False, refresh: bool = False) -> ActivationFile:
     """The validated :class:`ActivationFile` of ``path``, opened once per process and shared by every
-    task of that file (a file replaced on disk, by inode, size or mtime, is opened again). With
-    ``scan_values`` its values are scanned (once) too. Do not close it: :func:`clear_file_cache` does."""
+    task of that file (a file replaced on disk, by inode, size or mtime, is opened again; ``refresh``
+    always reopens it, as :func:`plan_tasks` does once per analysis). With ``scan_values`` its values
+    are scanned (once) too. Do not close it: :func:`clear_file_cache` does."""
     key = os.path.abspath(os.fspath(path))
     sid = _stat_id(key)
     with _CACHE_LOCK:
         hit = _FILE_CACHE.get(key)
-        if hit is not None and hit[0] == sid:
+        if hit is not None and hit[0] == sid and not refresh:
             _FILE_CACHE.move_to_end(key)
             f, scanned = hit[1], hit[2]
         else:
@@ -294,7 +295,7 @@ def plan_tasks(files: list[str], options: AnalyzeOptions, *, scan_values: bool =
         if path in seen:
             raise InputError(f"{path}: given twice")
         seen.add(path)
-        f = shared_file(path, scan_values=scan_values and not options.drop_nonfinite)
+        f = shared_file(path, scan_values=scan_values and not options.drop_nonfinite, refresh=True)
         grad_layers = [f"{layer}/{t}" for layer, ts in f.grad_tensors.items() for t in ts]
         if options.layers is not None:
             known = set(f.layers) | set(f.grad_tensors) | set(grad_layers)

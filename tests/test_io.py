@@ -136,3 +136,44 @@ def test_nan_scan_reports_count_and_first_position(tmp_path):
     p = _write(tmp_path / "n.npz", labels=np.arange(6), **{"act/l": a})
     with pytest.raises(InputError, match=r"'act/l' contains 2 non-finite value\(s\).*first at row 2, column 3"):
         open_activations(p, scan_values=True)
+
+
+def test_identity_follows_the_contents_of_the_arrays_read(tmp_path, rng):
+    p = tmp_path / "i.npz"
+    a, b = rng.standard_normal((6, 2)), rng.standard_normal((6, 2))
+    save_activations(p, np.arange(6) % 2, {"a": a, "b": b})
+    with open_activations(p) as f:
+        id_a, id_all = f.identity(["labels", "act/a"]), f.identity()
+    save_activations(p, np.arange(6) % 2, {"a": a, "b": b + 1}, force=True)
+    with open_activations(p) as f:
+        assert f.identity(["labels", "act/a"])["content"] == id_a["content"]  # 'a' and labels unchanged
+        assert f.identity()["content"] != id_all["content"]
+
+
+def test_string_and_big_endian_labels(tmp_path, rng):
+    p = _write(tmp_path / "s.npz", labels=np.array([b"b", b"a", b"b", b"c"]),
+               train_labels=np.array(["b", "a", "c", "c"]), **{"act/l": rng.standard_normal((4, 2)).astype(">f8")})
+    with open_activations(p) as f:
+        assert f.label_names == ["a", "b", "c"]
+        np.testing.assert_array_equal(f.labels, [1, 0, 1, 2])
+        np.testing.assert_array_equal(f.train_labels, [1, 0, 2, 2])
+        assert f.layer("l").dtype == np.float64 and f.layer("l").dtype.isnative
+
+
+def test_names_the_format_forbids_are_refused_on_writing_too(tmp_path):
+    for bad in ["", ".", "..", "a/b", ".x", "a\\b", "x\n"]:
+        with pytest.raises(InputError, match="layer name must be non-empty"):
+            save_activations(tmp_path / "x.npz", np.arange(2), {bad: np.ones((2, 2))})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lock_directory_is_exclusive_and_removed(tmp_path):
+    from geomprobe.io import LOCK_NAME, lock_directory, lock_holder
+
+    assert lock_holder(tmp_path) is None
+    with lock_directory(tmp_path):
+        assert f"pid {__import__('os').getpid()}" in lock_holder(tmp_path)
+        with pytest.raises(InputError, match="is in use by another geomprobe run"):
+            with lock_directory(tmp_path):
+                pass
+    assert not (tmp_path / LOCK_NAME).exists() and lock_holder(tmp_path) is None
