@@ -104,6 +104,17 @@ def test_gram_free_path_matches_gram_path(rng, monkeypatch):
     assert without.radius == pytest.approx(with_k.radius, rel=1e-9)
 
 
+def test_kkt_failures_are_resolved_by_cvxpy_and_counted(rng, monkeypatch):
+    Xs = _clouds(rng, P=4, M=5, N=16)
+    fast = glue_analysis(Xs, n_t=4, seed=9, kappa=0.05)
+    ref = glue_analysis(Xs, n_t=4, seed=9, kappa=0.05, solver="cvxpy")
+    assert fast.capacity == pytest.approx(ref.capacity, rel=1e-8)      # kappa > 0 too
+    monkeypatch.setattr(glue_mod, "KKT_TOL", -1.0)                      # every sample "fails"
+    redone = glue_analysis(Xs, n_t=4, seed=9, kappa=0.05)
+    assert redone.n_cvxpy_fallback == 4 and any("4 of 4 samples re-solved by cvxpy" in n for n in redone.notes)
+    assert redone.capacity == pytest.approx(ref.capacity, rel=1e-12)
+
+
 def test_cover_limit_for_point_manifolds(rng):
     # P points in general position, random balanced labels, P/N = 1/4: E[a] = P/2 in the limit
     # (Cover / Gardner), so alpha -> 2. 3 standard errors of the sample mean of a.
