@@ -40,7 +40,8 @@ class ManifoldAnalysisResult:
     sqrt(sampling SE^2 + center-model sd^2): the sampling SE over the n_t t-vectors (delta method,
     manifolds fixed) and, where the center model's fit is not unique (``center_degenerate``; restarts
     disagreeing on the frame or on K), the sd (ddof 1) over the ``n_center_models`` center models
-    they gave, each analysed with the same t-vectors (``center_model_sd``: that share alone).
+    they gave, each analysed with the same t-vectors (``center_model_sd``: that share alone;
+    ``sampling_se``: the sampling share alone).
     """
     capacity: float
     radius: float
@@ -69,6 +70,7 @@ class ManifoldAnalysisResult:
     class_radius_se: np.ndarray | None = None
     class_dimension_se: np.ndarray | None = None
     center_model_sd: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    sampling_se: tuple[float, float, float] = (0.0, 0.0, 0.0)
     n_center_models: int = 1
     center_degenerate: bool = False
 
@@ -404,6 +406,7 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
         dimension_se=float(np.hypot(se_dim, cm_sd[2])),
         class_capacity_se=np.hypot(se_alpha, cls_sd[0]), class_radius_se=np.hypot(se_R, cls_sd[1]),
         class_dimension_se=np.hypot(se_D, cls_sd[2]), center_model_sd=tuple(float(x) for x in cm_sd),
+        sampling_se=(se_cap, se_rad, se_dim),
         n_center_models=1 + len(cm.alternatives), center_degenerate=cm.degenerate,
     )
 
