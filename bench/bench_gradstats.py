@@ -51,14 +51,15 @@ class TokenTransformer(nn.Module):
 
 def make(name: str, batch: int, width: float, seq: int, device, dtype, gen):
     w = lambda n: max(1, int(round(n * width)))  # noqa: E731
+    img = lambda: torch.randn(batch, 3, 32, 32, generator=gen)  # noqa: E731
     if name == "mlp":
-        model, x, classes = build_model("mlp", (3, 32, 32), 10, hidden=w(1024)), torch.randn(batch, 3, 32, 32, generator=gen), 10
+        model, x, classes = build_model("mlp", (3, 32, 32), 10, hidden=w(1024)), img(), 10
     elif name == "convnet3":
-        model, x, classes = build_model("convnet3", (3, 32, 32), 10, channels=w(64)), torch.randn(batch, 3, 32, 32, generator=gen), 10
+        model, x, classes = build_model("convnet3", (3, 32, 32), 10, channels=w(64)), img(), 10
     elif name == "alexnet":
-        model, x, classes = build_model("alexnet", (3, 32, 32), 100, width=width), torch.randn(batch, 3, 32, 32, generator=gen), 100
+        model, x, classes = build_model("alexnet", (3, 32, 32), 100, width=width), img(), 100
     elif name == "resnet18":
-        model, x, classes = build_model("resnet18", (3, 32, 32), 100, width=width), torch.randn(batch, 3, 32, 32, generator=gen), 100
+        model, x, classes = build_model("resnet18", (3, 32, 32), 100, width=width), img(), 100
     elif name == "transformer":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

@@ -405,7 +405,8 @@ class ClassLayout:
             _, bounds = self.segments()
             present = [k for k, (a, b) in enumerate(bounds) if b > a]
             remap = torch.zeros(self.K, dtype=torch.long, device=self.codes.device)
-            remap[torch.as_tensor(present, device=self.codes.device)] = torch.arange(len(present), device=self.codes.device)
+            dev = self.codes.device
+            remap[torch.as_tensor(present, device=dev)] = torch.arange(len(present), device=dev)
             self._present = (remap[self.codes], present)
         return self._present
 

@@ -2,7 +2,6 @@
 ``.grad`` untouched), the per-example oracle, and the per-example gradient writer."""
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
