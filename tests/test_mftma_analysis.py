@@ -278,8 +278,11 @@ def test_mftma_rows(rng):
     rows, notes = mftma_rows(X, y, np.random.default_rng(0), per_class=10, max_classes=5, n_t=40, n_reps=2,
                              empirical=True)
     names = [(m, c) for m, c, _ in rows]
-    for m in ("capacity", "radius", "dimension", "center_correlation", "K", "empirical_capacity", "empirical_Nc"):
+    for m in ("capacity", "radius", "dimension", "center_correlation", "K", "empirical_capacity", "empirical_Nc",
+              "capacity_se", "radius_se", "dimension_se"):
         assert (m, None) in names
+    se_rows = [v for m, c, v in rows if m == "capacity_se" and c is not None]
+    assert len(se_rows) == 5 and all(v > 0 for v in se_rows)
     class_ids = {c for m, c, _ in rows if c is not None}
     assert len(class_ids) == 5
     assert any("5 of 7 classes chosen at random" in n for n in notes)
