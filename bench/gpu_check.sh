@@ -20,7 +20,9 @@ log "editable install (no dependency resolution: the machine's torch stays)"
 python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 
 log "gpu-marked tests (gradient statistics)"
-timeout 120 python -m pytest -q -m gpu tests/test_trainers_gradstats.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -5
+status=0
+timeout 120 python -m pytest -q -m gpu tests/test_trainers_gradstats.py > "$OUT/gpu_tests.txt" 2>&1 || status=$?
+tail -5 "$OUT/gpu_tests.txt"   # the benchmarks still run when a test fails; the script exits with its status
 
 log "benchmark: every model at batch 256 and 1024"
 timeout 180 python bench/bench_gradstats.py --device cuda --models mlp,convnet3,alexnet,resnet18,transformer \
@@ -33,4 +35,5 @@ timeout 60 python bench/bench_gradstats.py --device cuda --models transformer --
 log "profile of the recorder step (alexnet, batch 256): where the time goes"
 timeout 60 python bench/bench_gradstats.py --device cuda --models alexnet --batch 256 --repeats 1 --skip-vmap \
     --profile alexnet 2>&1 | tee "$OUT/profile_alexnet.txt" | head -40
-log "done"
+log "done (gpu tests exit status $status)"
+exit "$status"
