@@ -11,6 +11,7 @@ import json
 import math
 import os
 import stat
+import struct
 import tempfile
 import threading
 import zipfile
@@ -252,7 +253,7 @@ class ActivationFile:
                 f"{p}: not a zip archive (.npz) or a corrupt one; geomprobe reads .npz files written by "
                 "numpy.savez or geomprobe.io.save_activations (pickles are never loaded)"
             ) from None
-        except (OSError, EOFError, ValueError, OverflowError) as exc:
+        except (OSError, EOFError, ValueError, OverflowError, struct.error) as exc:
             raise InputError(f"{p}: corrupt or truncated zip archive ({exc})") from None
         self._zip = zf
         try:
@@ -627,7 +628,7 @@ class ActivationFile:
                         break
         except InputError:
             raise
-        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError, zlib.error, struct.error) as exc:
             raise InputError(f"{self.path}: key '{key}' could not be read ({exc})") from None
         if n_pending:
             yield np.concatenate([p for p, _ in pending]), self._flat(np.concatenate([b for _, b in pending]))

@@ -76,7 +76,7 @@ def labels(draw, n: int):
         "int": y, "uint8": y.astype(np.uint8), "bool": y.astype(bool), "float": y.astype(float),
         "bigfloat": y * 1e20, "str": np.array(["cat", "dog", "emu", "yak"])[y], ">i8": y.astype(">i8"),
         "2d": y.reshape(-1, 1) if n else y, "empty": y[:0], "short": y[: max(n - 2, 0)],
-        "uint64big": np.append(y[:-1], 2**64 - 1).astype(np.uint64), "onecls": np.zeros(n, int),
+        "uint64big": np.append(y[:-1].astype(np.uint64), np.uint64(2**64 - 1)), "onecls": np.zeros(n, int),
     }[kind]
 
 
@@ -210,7 +210,7 @@ def check_run(tmp_path, previous, input_path, options, capsys):
     return code, cap
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(spec=activation_files(), opts=st.lists(st.sampled_from(OPTION_CHOICES), max_size=2),
        force=st.sampled_from([True, True, True, False]))
