@@ -76,10 +76,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    try:
-        args = _parse(parser, argv)
-    except SystemExit as exc:  # argparse: usage error (2), --help / --version (0)
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    args = _parse(parser, argv)  # a usage error raises SystemExit(2) with the usage, --help SystemExit(0)
     try:
         return int(args.run(args) or 0)
     except InputError as exc:

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from geomprobe.analysis import clear_file_cache
 from geomprobe.cli.main import main
 from geomprobe.io import save_activations
-from test_reliability import CRAFTED
+from test_reliability import CRAFTED, call_main
 
 N_EXAMPLES = 45
 
@@ -188,7 +188,7 @@ def check_run(tmp_path, previous, input_path, options, capsys):
     before = snapshot(tmp_path, out)
     capsys.readouterr()
     try:
-        code = main(["analyze", str(input_path), "-o", str(out), "--no-mftma", *options])
+        code = call_main(["analyze", str(input_path), "-o", str(out), "--no-mftma", *options])
     finally:
         clear_file_cache()
     cap = capsys.readouterr()

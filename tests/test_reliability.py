@@ -27,8 +27,17 @@ from geomprobe.synthetic import synthetic_activations
 FAST = ["--n-t", "20", "--n-reps", "1", "--per-class", "6"]
 
 
+def call_main(argv) -> int:
+    """geomprobe.cli.main.main as the console script runs it: argparse's usage errors (and --help)
+    end in SystemExit, whose code is the exit status."""
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+
+
 def run(argv, capsys):
-    code = main([str(a) for a in argv])
+    code = call_main(argv)
     out = capsys.readouterr()
     assert "Traceback" not in out.err and "Traceback" not in out.out
     return code, out.out, out.err
@@ -401,7 +410,7 @@ def test_option_errors_name_the_flag_as_its_help_does(good, tmp_path, capsys, fl
 
 
 def test_help_explains_the_table_abbreviations(capsys):
-    assert main(["analyze", "--help"]) == 0
+    assert call_main(["analyze", "--help"]) == 0
     out = capsys.readouterr().out
     for abbrev, metric in [("g_divers", "grad_diversity"), ("g_mincos", "grad_confusion_min_cosine"),
                            ("rho_c", "center_correlation"), ("omega_in", "rep_omega_in_class")]:
