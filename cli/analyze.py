@@ -61,6 +61,17 @@ def add_parser(sub) -> None:
     g.add_argument("--seed-mode", choices=("spawn", "reference"), default="spawn",
                    help="spawn (default): independent per-manifold streams, invariant to example order; "
                    "reference: consume a RandomState as the original MFTMA code does (docs/metrics.md)")
+    g3 = p.add_argument_group("more measures (docs/glue.md, docs/companion.md)")
+    g3.add_argument("--glue", action="store_true",
+                    help="GLUE / GCMC capacity of a dichotomy ensemble with effective radius, dimension, utility "
+                    "and alignments (uses --n-t, --kappa, --per-class, --max-classes)")
+    g3.add_argument("--dichotomies", choices=("random", "one_vs_rest"), default="random",
+                    help="GLUE dichotomy ensemble (default random)")
+    g3.add_argument("--companion", action="store_true",
+                    help="participation ratio, effective rank, neural collapse NC1-NC2, linear probes")
+    g3.add_argument("--compare", action="store_true",
+                    help="linear CKA and Procrustes angle between every pair of layers of every file -> "
+                    "OUTDIR/similarity.csv (the files must hold the same examples)")
     g2 = p.add_argument_group("alignment and gradients")
     g2.add_argument("--no-pairwise", action="store_true",
                     help="skip the all-pairs gradient measures (sign stiffness, confusion)")
@@ -107,6 +118,10 @@ def options_from_args(args) -> AnalyzeOptions:
         seed_mode=args.seed_mode,
         pairwise=not args.no_pairwise,
         drop_nonfinite=args.drop_nonfinite,
+        glue=args.glue,
+        glue_dichotomies=args.dichotomies,
+        companion=args.companion,
+        compare=args.compare,
     )
 
 
@@ -135,6 +150,8 @@ def run(args) -> int:
         if args.resume:
             print(resume_summary(report, args.outdir))
         print(f"wrote {args.outdir}/metrics.json and {args.outdir}/metrics.csv ({len(report.rows)} rows)")
+        if args.compare:
+            print(f"wrote {args.outdir}/similarity.csv ({len(report.similarity)} rows)")
     print_notes(report.notes, PROG, quiet=args.quiet)
     for key, err in report.errors:
         print(f"{PROG}: task {key} failed: {err}", file=sys.stderr)

@@ -79,6 +79,10 @@ class AnalyzeOptions:
     seed_mode: str = "spawn"
     drop_nonfinite: bool = False
     probes: bool = True
+    glue: bool = False
+    glue_dichotomies: str = "random"
+    companion: bool = False
+    compare: bool = False
 
     def __post_init__(self) -> None:
         check_positive_int(self.seed, "seed", minimum=0)
@@ -90,6 +94,8 @@ class AnalyzeOptions:
             check_positive_int(self.per_class, "per_class")
         if self.max_classes is not None:
             check_positive_int(self.max_classes, "max_classes", minimum=2)
+        if self.glue_dichotomies not in ("random", "one_vs_rest"):
+            raise InputError(f"glue_dichotomies must be 'random' or 'one_vs_rest'; got {self.glue_dichotomies!r}")
         if self.seed_mode not in ("spawn", "reference"):
             raise InputError(f"seed_mode must be 'spawn' or 'reference'; got {self.seed_mode!r}")
         if self.subsets is not None:
@@ -101,11 +107,12 @@ class AnalyzeOptions:
 #: options that do NOT change the rows of a task of each kind (everything else is in its resume key;
 #: an option added later is therefore in every key until it is listed here)
 _MFTMA_OPTIONS = {"seed", "mftma", "kappa", "n_t", "n_reps", "per_class", "max_classes", "empirical_capacity",
-                  "seed_mode"}
+                  "seed_mode", "glue", "glue_dichotomies", "companion"}
 OPTIONS_NOT_IN_KEY: dict[str, set[str]] = {
-    "act": {"layers", "subsets", "pairwise", "pairwise_max_n", "probes"},
-    "grad": {"layers", "subsets", "probes"} | _MFTMA_OPTIONS,
-    "probe": {"layers", "subsets", "alignment", "pairwise", "pairwise_max_n", "drop_nonfinite"} | _MFTMA_OPTIONS,
+    "act": {"layers", "subsets", "pairwise", "pairwise_max_n", "probes", "compare"},
+    "grad": {"layers", "subsets", "probes", "compare"} | _MFTMA_OPTIONS,
+    "probe": {"layers", "subsets", "alignment", "pairwise", "pairwise_max_n", "drop_nonfinite",
+              "compare"} | _MFTMA_OPTIONS,
 }
 
 
@@ -260,8 +267,15 @@ def resume_key(task: Task, options: AnalyzeOptions, f: ActivationFile | None = N
 
     f = f if f is not None else shared_file(task.file)
     skip = OPTIONS_NOT_IN_KEY.get(task.kind, {"layers", "subsets"})
-    if task.kind == "act" and not options.mftma:  # MFTMA's own options change nothing when it is off
-        skip = skip | (_MFTMA_OPTIONS - {"mftma"})
+    if task.kind == "act":  # an option that only a family which is off reads changes nothing
+        if not options.mftma:
+            skip = skip | {"n_reps", "empirical_capacity", "seed_mode"}
+        if not options.glue:
+            skip = skip | {"glue_dichotomies"}
+            if not options.mftma:
+                skip = skip | {"kappa", "n_t", "per_class", "max_classes"}
+        if not (options.mftma or options.glue or options.companion):
+            skip = skip | {"seed"}
     opts = {k: v for k, v in asdict(options).items() if k not in skip}
     return {"geomprobe_version": __version__, "file": f.identity(task.arrays_read(f)),
             "options": json.loads(json.dumps(opts))}
@@ -411,6 +425,52 @@ def _family_mftma(d: TaskData) -> None:
         d.res.note("mftma", text)
 
 
+def _family_rng(d: TaskData, stream: int) -> np.random.Generator:
+    """A generator of its own for a row family (stream 1, 2, ...): the task's seed sequence with one more
+    spawn-key word, so adding a family never changes the numbers of another (MFTMA uses the task's own)."""
+    ss = task_seed(d.options.seed, d.task)
+    return np.random.default_rng(np.random.SeedSequence(ss.entropy, spawn_key=ss.spawn_key + (stream,)))
+
+
+def _family_glue(d: TaskData) -> None:
+    """GLUE / GCMC (docs/glue.md): capacity of a dichotomy ensemble and its effective geometry."""
+    if not d.options.glue:
+        return
+    n_classes = np.unique(d.labels).size
+    if n_classes < 2 or _is_constant(d.X):
+        d.res.note("glue_skipped", f"GLUE skipped: {n_classes} class(es) or a constant layer; needs >= 2 classes "
+                                   "and activations that differ")
+        return
+    from .glue import glue_rows
+
+    o = d.options
+    try:
+        rows, notes = glue_rows(d.X, d.labels, _family_rng(d, 1), dichotomies=o.glue_dichotomies, n_t=o.n_t,
+                                kappa=o.kappa, per_class=o.per_class, max_classes=o.max_classes)
+    except InputError as exc:  # valid options, degenerate geometry
+        d.res.note("glue_undefined", f"GLUE undefined for this layer: {exc}")
+        return
+    d.res.rows.extend(d.row(m, c, v) for m, c, v in rows)
+    for text in notes:
+        d.res.note("glue", text)
+
+
+def _family_companion(d: TaskData) -> None:
+    """Participation ratio, effective rank, neural collapse, linear probes (docs/companion.md)."""
+    if not d.options.companion:
+        return
+    from .companion import companion_rows
+
+    train_labels = None
+    rows_idx = d.file.subsets()[d.task.subset].rows
+    if d.file.train_labels is not None and rows_idx.size == d.X.shape[0]:
+        train_labels = d.file.train_labels[rows_idx]
+    rows, notes = companion_rows(d.X, d.labels, _family_rng(d, 2), train_labels=train_labels)
+    d.res.rows.extend(d.row(m, c, v) for m, c, v in rows)
+    for text in notes:
+        d.res.note("companion", text)
+
+
 def _is_constant(X: np.ndarray) -> bool:
     return X.shape[0] < 2 or bool(np.all(X == X[0]))
 
@@ -427,7 +487,7 @@ def _equal_centers(X: np.ndarray, labels: np.ndarray) -> bool:
 
 #: the row families of each task kind, in row order; each is ``fn(TaskData) -> None``
 ROW_FAMILIES: dict[str, list[Callable[[TaskData], None]]] = {
-    "act": [_family_alignment, _family_mftma],
+    "act": [_family_alignment, _family_mftma, _family_glue, _family_companion],
     "grad": [_family_alignment, _family_pairwise],
 }
 
@@ -548,6 +608,8 @@ class AnalysisReport:
     n_resumed: int = 0
     resume_reasons: dict[str, int] = field(default_factory=dict)
     label_names: dict[str, list[str]] = field(default_factory=dict)
+    #: with ``options.compare``: similarity rows (file_a, layer_a, file_b, layer_b, metric, value)
+    similarity: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -660,6 +722,8 @@ def analyze(
     if client is not None and runner is not None:
         raise InputError("give either runner or client, not both")
     tasks = plan_tasks(files, options)
+    if options.compare:
+        _check_comparable(files)
     label_names = {p: shared_file(p).label_names for p in files if shared_file(p).label_names is not None}
     keys = {t.key: resume_key(t, options) for t in tasks} if out is not None else {}
     if out is None:
@@ -734,10 +798,42 @@ def _run(tasks, options, files, out, resume, keys, runner, client, progress, on_
             errors.append((t.key, r.error))
     report = AnalysisReport(rows, notes, errors, options, files, len(tasks), n_resumed, dict(reasons),
                             label_names)
+    if options.compare:
+        _compare(report)
     if out is not None:
         atomic_write_text(out / "metrics.json", report.to_json())
         atomic_write_text(out / "metrics.csv", report.to_csv())
+        if options.compare:
+            from .similarity import similarity_csv
+
+            atomic_write_text(out / "similarity.csv", similarity_csv(report.similarity))
     return report
+
+
+def _compare_layers(files: list[str], options: AnalyzeOptions) -> list[str] | None:
+    if options.layers is None:
+        return None
+    return [x for x in options.layers if x in shared_file(files[0]).layers]
+
+
+def _check_comparable(files: list[str]) -> None:
+    """--compare needs the same examples in every file (checked before any work)."""
+    ref = shared_file(files[0])
+    for p in files[1:]:
+        f = shared_file(p)
+        if f.labels.shape != ref.labels.shape or not np.array_equal(f.labels, ref.labels):
+            raise InputError(f"--compare: {p} holds other examples than {files[0]} ({f.labels.size} vs "
+                             f"{ref.labels.size} rows or different labels); layer similarity needs the same "
+                             "examples in the same order in every file")
+
+
+def _compare(report: AnalysisReport) -> None:
+    """Linear CKA and the Procrustes angle between every pair of layers of every file (similarity.csv)."""
+    from .similarity import similarity_rows
+
+    rows, notes = similarity_rows(report.files, layers=_compare_layers(report.files, report.options))
+    report.similarity = rows
+    report.notes.extend(Note("similarity", n) for n in notes)
 
 
 def _reuse(t: Task, path: Path, key: dict[str, Any], done: dict[str, TaskResult]) -> str | None:

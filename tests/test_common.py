@@ -30,7 +30,7 @@ def _values(report):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     d = tmp_path_factory.mktemp("common")
-    opts = AnalyzeOptions(seed=5, n_t=40, n_reps=2, per_class=None)
+    opts = AnalyzeOptions(seed=5, n_t=40, n_reps=2, per_class=None, glue=True, companion=True)
     return d, opts, _values(analyze([_file(d / "base.npz")], opts))
 
 
@@ -68,5 +68,6 @@ def test_same_seed_same_numbers_for_random_metrics(base):
     d, opts, vals = base
     again = _values(analyze([d / "base.npz"], opts))
     assert again == vals
-    other = _values(analyze([d / "base.npz"], AnalyzeOptions(seed=6, n_t=40, n_reps=2, per_class=None)))
+    other = _values(analyze([d / "base.npz"], AnalyzeOptions(seed=6, n_t=40, n_reps=2, per_class=None, glue=True,
+                                                                   companion=True)))
     assert any(other[k] != v for k, v in vals.items() if METRICS[k[2]].random and k[2] == "capacity")
