@@ -816,7 +816,10 @@ def save_activations(
     try:
         os.chmod(tmp, mode)
         (np.savez_compressed if compress else np.savez)(tmp, **arrays)
-        ActivationFile(tmp).close()  # validate what was written before it replaces anything
+        try:
+            ActivationFile(tmp).close()  # validate what was written before it replaces anything
+        except InputError as exc:  # name the user's target, not the temporary file
+            raise InputError(str(exc).replace(str(tmp), str(path))) from None
         if path.exists() and not force:  # re-check: another writer may have appeared meanwhile
             raise InputError(f"{path}: already exists; pass force=True (CLI: --force) to overwrite")
         os.replace(tmp, path)
