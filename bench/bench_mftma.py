@@ -2,14 +2,6 @@
 
     python bench/bench_mftma.py            # everything (scale case needs ~3 GB of RAM)
     python bench/bench_mftma.py --quick    # skip the N = 65,536 scale case
-    python bench/bench_mftma.py --scale [--old-rev REV] [--timeout S]   # issue 20 table, old vs new
-
---scale: manifold_analysis (default options, float32 Gaussian clouds as in gauss(), n_t = 200,
-n_reps = 10) at P=100/M=50, P=1000/M=50, P=10/M=1000 (N = 2048), each in a fresh subprocess after a JIT
-warm-up, for this working tree ("new") and for the package at git revision REV ("old", default
-3a63b29, before issue 20), exported with `git archive` into a temporary folder; old and new run one
-after the other in the same invocation, so their ratio is measured under the same load. A run longer
-than --timeout seconds (default 300) is stopped and reported as "> S".
 
 Rows: whole manifold_analysis at P=100, M=50, N=2048 (n_t=200, n_reps=10) after JIT warm-up and its
 stages; per Gaussian sample fast solver vs the cvxpy path on the same manifolds; empirical_capacity on
@@ -60,16 +52,7 @@ def timeit(f, repeat=3):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip the N = 65,536 scale case")
-    ap.add_argument("--scale", action="store_true", help="issue 20 scale table, old vs new")
-    ap.add_argument("--old-rev", default="3a63b29")
-    ap.add_argument("--timeout", type=float, default=300.0)
-    ap.add_argument("--cases", default="100x50,1000x50,10x1000")
-    ap.add_argument("--worker", nargs=3, metavar=("P", "M", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.worker:
-        return _worker(*map(int, args.worker))
-    if args.scale:
-        return _scale(args)
     rows = []
     print(f"# threads available: {len(os.sched_getaffinity(0))}", flush=True)
 
@@ -146,57 +129,6 @@ def main(argv=None):
     print(f"|{'-' * (w + 2)}|---|---|")
     for a, b, c in rows:
         print(f"| {a.ljust(w)} | {b} | {c} |")
-
-
-def _worker(P, M, N):
-    """One timed manifold_analysis in this process (after a JIT warm-up); prints a JSON line."""
-    X, y = gauss(P, M, N, seed=0, dtype=np.float32)
-    manifold_analysis(X[: 5 * M], y[: 5 * M], seed=1, n_t=20)
-    t0 = time.perf_counter()
-    r = manifold_analysis(X, y, seed=0)
-    out = {"t": time.perf_counter() - t0, "K": int(r.K), "capacity": float(r.capacity)}
-    out["capacity_se"] = float(getattr(r, "capacity_se", float("nan")))
-    import geomprobe
-    out["module"] = geomprobe.__file__
-    print(json.dumps(out), flush=True)
-
-
-def _scale(args):
-    import subprocess
-    import tempfile
-
-    cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        arch = subprocess.run(["git", "-C", str(ROOT), "archive", args.old_rev, "geomprobe"],
-                              check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=arch, check=True)
-        print(f"# threads available: {len(os.sched_getaffinity(0))}; load average {os.getloadavg()[0]:.1f}; "
-              f"old = {args.old_rev}, new = working tree", flush=True)
-        print("| P | M | N | old | new | old / new | K old / new | capacity old / new (+- se) |")
-        print("|---|---|---|---|---|---|---|---|")
-        for P, M in cases:
-            N = 2048
-            res = {}
-            for which, path in (("old", tmp), ("new", str(ROOT))):
-                env = dict(os.environ, PYTHONPATH=path)
-                try:
-                    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(P), str(M),
-                                        str(N)], env=env, capture_output=True, text=True, timeout=args.timeout,
-                                       cwd=tmp)
-                    res[which] = json.loads(p.stdout.strip().splitlines()[-1])
-                except subprocess.TimeoutExpired:
-                    res[which] = None
-                except Exception as exc:  # noqa: BLE001 - report and go on
-                    res[which] = {"error": str(exc)[:80]}
-            o, n = res["old"], res["new"]
-            fmt = lambda r: (f"> {args.timeout:.0f} s" if r is None else
-                             f"{r['t']:.2f} s" if "t" in r else r.get("error", "?"))
-            ratio = (f"{o['t'] / n['t']:.1f}" if o and n and "t" in o and "t" in n else
-                     f"> {args.timeout / n['t']:.1f}" if o is None and n and "t" in n else "-")
-            ks = f"{o['K'] if o and 'K' in o else '-'} / {n['K'] if n and 'K' in n else '-'}"
-            caps = (f"{o['capacity']:.4f} / " if o and "capacity" in o else "- / ") + (
-                f"{n['capacity']:.4f} +- {n['capacity_se']:.4f}" if n and "capacity" in n else "-")
-            print(f"| {P} | {M} | {N} | {fmt(o)} | {fmt(n)} | {ratio} | {ks} | {caps} |", flush=True)
 
 
 if __name__ == "__main__":

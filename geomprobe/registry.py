@@ -51,11 +51,6 @@ METRICS: dict[str, MetricInfo] = {
     "dimension": _m("manifold dimension D_M (mean; per class with an id)", better="lower", random=True),
     "center_correlation": _m("mean |cos| between class centers (rho_c)", better="lower", random=True),
     "K": _m("number of shared center directions removed", random=True),
-    "capacity_se": _m("standard error of capacity: t-vector sampling and, where the center fit is not unique, "
-                      "the center model's spread (per class with an id)", better="lower", random=True),
-    "radius_se": _m("standard error of radius, as capacity_se (per class with an id)", better="lower", random=True),
-    "dimension_se": _m("standard error of dimension, as capacity_se (per class with an id)", better="lower",
-                       random=True),
     "empirical_capacity": _m("simulated capacity P / N_c by bisection", better="higher", random=True),
     "empirical_Nc": _m("critical projection dimension N_c of the simulated capacity", random=True),
     # probes (paper 002)

@@ -15,14 +15,7 @@ import pytest
 from scipy.optimize import linprog, nnls
 
 from geomprobe import AnalysisError, InputError
-from geomprobe._kernels.mftma_anchors import (
-    anchor_metrics,
-    anchor_moments,
-    gram,
-    manifold_metrics,
-    manifold_metrics_se,
-    nnls_gram,
-)
+from geomprobe._kernels.mftma_anchors import anchor_metrics, gram, manifold_metrics, nnls_gram
 from geomprobe._kernels.mftma_centers import (
     _qr_retract,
     center_cost,
@@ -311,27 +304,3 @@ def test_center_basis_applies_q_lazily_like_the_explicit_householder_q(rng):
         V = Q @ frame
         np.testing.assert_allclose(V, Qe @ frame, atol=1e-8)
         np.testing.assert_allclose(V.T @ V, np.eye(3), atol=1e-12)
-
-
-def test_metrics_with_standard_errors_equal_manifold_metrics_and_numpy_twin(rng):
-    """manifold_metrics_se: alpha, R, D bit for bit those of manifold_metrics (so results with K fixed are
-    unchanged by issue 20); its standard errors equal a plain-numpy delta-method twin."""
-    m, D, n_t = 12, 6, 300
-    S = rng.standard_normal((D, m)) * 0.4
-    S -= S.mean(axis=1, keepdims=True)
-    sD1 = np.vstack([S, np.ones((1, m))])
-    T = rng.standard_normal((D + 1, n_t))
-    a = manifold_metrics(sD1, T, 0.0, 2000)
-    b = manifold_metrics_se(sD1, T, 0.0, 2000)
-    assert tuple(a) == tuple(b[:5])
-    from geomprobe.mftma.anchors import anchor_points
-    anc = anchor_points(sD1, T).anchors
-    f = np.maximum((T * anc).sum(0), 0) ** 2 / (anc * anc).sum(0)
-    ms = anc.mean(axis=1, keepdims=True)
-    q = (((anc[:D] - ms[:D]) / anc[D]) ** 2).sum(0)
-    c = (T[:D] * anc[:D]).sum(0) / (np.linalg.norm(T[:D], axis=0) * np.sqrt((anc[:D] ** 2).sum(0) + 1e-12))
-    sem = lambda x: np.std(x, ddof=1) / np.sqrt(n_t)
-    want = (sem(f) / f.mean() ** 2, sem(q) / (2 * np.sqrt(q.mean())), 2 * D * abs(c.mean()) * sem(c), sem(f))
-    np.testing.assert_allclose(anchor_moments(T, anc, 0.0), want, rtol=1e-10)
-    np.testing.assert_allclose(b[5:], want, rtol=1e-10)
-    assert 1.0 / f.mean() == pytest.approx(b[0], rel=1e-12)

@@ -46,14 +46,14 @@ def _run_recording(monkeypatch, Xs, **kw):
     """manifold_analysis with the (sD1, T) pairs handed to the anchor kernel recorded."""
     seen: list[tuple[np.ndarray, np.ndarray]] = []
     lock = threading.Lock()
-    inner = capacity.manifold_metrics_se
+    inner = capacity.manifold_metrics
 
     def spy(sD1, T, *args):
         with lock:
             seen.append((sD1.copy(), T.copy()))
         return inner(sD1, T, *args)
 
-    monkeypatch.setattr(capacity, "manifold_metrics_se", spy)
+    monkeypatch.setattr(capacity, "manifold_metrics", spy)
     return manifold_analysis(Xs, seed_mode="reference", **kw), seen
 
 

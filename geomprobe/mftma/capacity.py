@@ -11,7 +11,7 @@ import numpy as np
 import scipy.linalg
 from scipy.special import ndtr
 
-from .._kernels.mftma_anchors import anchor_metrics, anchor_moments, manifold_metrics_se
+from .._kernels.mftma_anchors import anchor_metrics, manifold_metrics
 from .._validation import (
     AnalysisError,
     InputError,
@@ -36,12 +36,6 @@ class ManifoldAnalysisResult:
     Diagnostics: ``res_coeff`` (residual center correlation for K = 1, 2, ... as tried; NaN = invalid
     K), ``max_K`` (after the clamp), ``n_qp`` (QPs solved), ``n_samples`` (P * n_t), ``solver``,
     ``notes`` (what was clamped or skipped, and why).
-    Uncertainty: ``capacity_se``, ``radius_se``, ``dimension_se`` (and ``class_*_se`` per class) =
-    sqrt(sampling SE^2 + center-model sd^2): the sampling SE over the n_t t-vectors (delta method,
-    manifolds fixed) and, where the center model's fit is not unique (``center_degenerate``; restarts
-    disagreeing on the frame or on K), the sd (ddof 1) over the ``n_center_models`` center models
-    they gave, each analysed with the same t-vectors (``center_model_sd``: that share alone;
-    ``sampling_se``: the sampling share alone).
     """
     capacity: float
     radius: float
@@ -63,16 +57,6 @@ class ManifoldAnalysisResult:
     n_t: int
     n_reps: int
     notes: tuple[str, ...] = field(default_factory=tuple)
-    capacity_se: float = np.nan
-    radius_se: float = np.nan
-    dimension_se: float = np.nan
-    class_capacity_se: np.ndarray | None = None
-    class_radius_se: np.ndarray | None = None
-    class_dimension_se: np.ndarray | None = None
-    center_model_sd: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    sampling_se: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    n_center_models: int = 1
-    center_degenerate: bool = False
 
 
 def ball_capacity(R, D, kappa: float = 0.0):
@@ -325,7 +309,7 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
                 sd = prep(r)
                 if sd.size == 0:
                     return sd, None
-                return sd, manifold_metrics_se(sd, spawn_t(r, sd.shape[0]), kappa, cap)
+                return sd, manifold_metrics(sd, spawn_t(r, sd.shape[0]), kappa, cap)
 
             both = list(ex.map(prep_and_anchor, range(P)))
             sd1s = [b[0] for b in both]
@@ -345,11 +329,11 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
         """Manifold r's Gaussian samples (spawn mode: from its own stream)."""
         return Ts[r] if reference else spawn_t(r, d1s[r])
 
-    out = np.zeros((P, 9))
+    out = np.zeros((P, 5))
     if solver == "fast":
         if metrics is None:
             with blas_threads(1), ThreadPoolExecutor(max_workers=n_workers(P)) as ex:
-                metrics = list(ex.map(lambda r: manifold_metrics_se(sd1s[r], t_vectors(r), kappa, cap), range(P)))
+                metrics = list(ex.map(lambda r: manifold_metrics(sd1s[r], t_vectors(r), kappa, cap), range(P)))
         out[:] = np.array(metrics, dtype=float)
         fails = int(out[:, 4].sum())
         if fails:
@@ -364,7 +348,6 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
             anchors, is_qp = cvxpy_anchors(sd1s[r], T, kappa, manifold=int(man.classes[canon[r]]), stats=stats)
             out[r, :3] = anchor_metrics(T, anchors, kappa)
             out[r, 3] = is_qp.sum()
-            out[r, 5:9] = anchor_moments(T, anchors, kappa)
         if stats.get("relaxed"):
             notes.append(f"{stats['relaxed']} of {int(out[:, 3].sum())} cvxpy QPs failed at tolerances 1e-12 and "
                          "were solved at the solver's default tolerances")
@@ -374,55 +357,10 @@ def _analyse(man: Manifolds, *, kappa, n_t, n_reps, rng, solver, K) -> ManifoldA
     alpha, R, D = out[inv, 0], out[inv, 1], out[inv, 2]
     with np.errstate(divide="ignore"):
         capacity = float(1.0 / np.mean(1.0 / alpha))
-    # sampling standard errors (t-vectors; manifolds fixed): 1/capacity = mean_i mean_t f_it
-    se_alpha, se_R, se_D, sem_f = out[inv, 5], out[inv, 6], out[inv, 7], out[inv, 8]
-    se_cap = capacity ** 2 * float(np.sqrt(np.sum(sem_f ** 2))) / P
-    se_rad = float(np.sqrt(np.sum(se_R ** 2))) / P
-    se_dim = float(np.sqrt(np.sum(se_D ** 2))) / P
-    # the center model's share: the spread over the alternative center models (other frames or K
-    # that other restarts gave where the fit is not unique), each analysed with the same t-vectors
-    cm_sd = np.zeros(3)
-    cls_sd = np.zeros((3, P))
-    if cm.alternatives and solver == "fast":
-        vals = [np.stack([alpha, R, D])]
-        aggs = [(capacity, float(R.mean()), float(D.mean()))]
-        for _, V_alt in cm.alternatives:
-            vals.append(_metrics_with_frame(man, canon, centers, xbar, V_alt, t_vectors, kappa, cap,
-                                            reference)[:, inv])
-            with np.errstate(divide="ignore"):
-                aggs.append((float(1.0 / np.mean(1.0 / vals[-1][0])), float(vals[-1][1].mean()),
-                             float(vals[-1][2].mean())))
-        cls_sd = np.std(np.stack(vals), axis=0, ddof=1)
-        cm_sd = np.std(np.array(aggs), axis=0, ddof=1)
-        notes.append(f"standard errors include the spread over {len(cm.alternatives) + 1} center models "
-                     f"(capacity sd {cm_sd[0]:.3g}, radius sd {cm_sd[1]:.3g}, dimension sd {cm_sd[2]:.3g})")
     return ManifoldAnalysisResult(
         capacity=capacity, radius=float(R.mean()), dimension=float(D.mean()),
         center_correlation=cm.rho_c, K=cm.K, classes=man.classes.copy(), class_capacity=alpha,
         class_radius=R, class_dimension=D, class_sizes=man.sizes.copy(), class_D=(d1s - 1)[inv],
         res_coeff=cm.res_coeff, max_K=cm.max_K, n_qp=int(out[:, 3].sum()), n_samples=P * n_t,
         solver=solver, kappa=kappa, n_t=n_t, n_reps=n_reps, notes=tuple(notes),
-        capacity_se=float(np.hypot(se_cap, cm_sd[0])), radius_se=float(np.hypot(se_rad, cm_sd[1])),
-        dimension_se=float(np.hypot(se_dim, cm_sd[2])),
-        class_capacity_se=np.hypot(se_alpha, cls_sd[0]), class_radius_se=np.hypot(se_R, cls_sd[1]),
-        class_dimension_se=np.hypot(se_D, cls_sd[2]), center_model_sd=tuple(float(x) for x in cm_sd),
-        sampling_se=(se_cap, se_rad, se_dim),
-        n_center_models=1 + len(cm.alternatives), center_degenerate=cm.degenerate,
     )
-
-
-def _metrics_with_frame(man, canon, centers, xbar, V11, t_vectors, kappa, cap, reference) -> np.ndarray:
-    """(3, P) alpha, R, D (canonical order) of every manifold with the center subspace V11 removed and
-    the given t-vectors (the analysis of an alternative center model). NaN where a center vanishes."""
-    P = man.P
-
-    def one(r):
-        i = canon[r]
-        sd = (_prepare_reference(man.get(i), xbar, V11) if reference
-              else _prepare_one(man.get(i), centers[i], xbar, V11))
-        if sd.size == 0:
-            return (np.nan, np.nan, np.nan)
-        return manifold_metrics_se(sd, t_vectors(r), kappa, cap)[:3]
-
-    with blas_threads(1), ThreadPoolExecutor(max_workers=n_workers(P)) as ex:
-        return np.array(list(ex.map(one, range(P))), dtype=float).T

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
-from .._kernels.mftma_centers import center_cost_grad, fit_and_score, residual_stats
+from .._kernels.mftma_centers import fit_and_score, residual_stats
 from .._validation import AnalysisError, InputError
 from ._data import blas_threads, n_workers
 
@@ -23,39 +23,6 @@ CG_MIN_STEP = 1e-10
 #: A K whose best fit leaves some center with less than this fraction of its norm is invalid
 #: (its residual cosines are undefined; happens for K = P-1, where every center direction is removed).
 MIN_STABILITY = 1e-8
-
-# Default rule (seed_mode="spawn"; docs/metrics.md, "The center model's rule"): for each K keep the
-# lowest-cost CONVERGED fit, restarting until a second fit reaches that minimum.
-#: Restarts per batch: fits run two at a time (one per core) whatever the thread count, so the
-#: number of fits, hence every result, does not depend on it.
-FIT_BATCH = 2
-#: A fit is converged when its Riemannian gradient norm is <= gtol * max(1, P / GTOL_P): the cost
-#: sums P^2 squared cosines, so an absolute 1e-6 asks far more digits of a P = 1,000 fit than of a
-#: P = 10 fit (at P = 1,000, 5e-5 leaves res_coeff within 3e-7 relative of the 1e-6 fit).
-GTOL_P = 20.0
-#: ... and the optimiser stops there; but rounding can stop the line search first where the cost is
-#: stiff (a center whose residual is short: cos^2 terms with curvature ~1e3 put the attainable gradient
-#: norm at sqrt(curvature * eps * cost) ~ 1e-5). A fit counts as converged when its final gradient
-#: norm is <= CONV_SLACK times that tolerance and it did not stop at the iteration cap; the aborted
-#: fits that the reference's stability rule favours stop with gradient norms of 1e-1 to 1e2.
-CONV_SLACK = 100.0
-#: Fits per K: at least n_reps; more, up to BUDGET_FACTOR * n_reps, while no second fit has reached
-#: the lowest-cost minimum.
-BUDGET_FACTOR = 3
-#: ... where n_min = max(n_reps, ceil(SMALL_P_FITS / P)): 20 fits per K at P = 20, n_reps from P = 40.
-SMALL_P_FITS = 400
-#: Two converged fits reach the same minimum when their costs agree to COST_RTOL (relative) and the
-#: largest principal angle between their frames has sine <= FRAME_SIN_TOL.
-COST_RTOL = 1e-7
-FRAME_SIN_TOL = 1e-2
-#: Distinct minima whose costs lie within NEAR_RTOL (relative) of the lowest make K's fit not unique.
-NEAR_RTOL = 1e-3
-#: A K whose res_coeff is within this relative distance of the minimum is a near-tie: another seed's
-#: restarts may well select it, so it joins the alternative center models.
-RES_TIE_RTOL = 5e-3
-#: At most this many alternative center models (other frames or K that other restarts would have
-#: given) are re-analysed for the center model's share of the standard errors.
-MAX_ALTERNATIVES = 4
 
 
 @dataclass(frozen=True)
@@ -71,13 +38,6 @@ class CenterModel:
     n_fits: int
     cg_iterations: int
     notes: tuple[str, ...] = field(default_factory=tuple)
-    cost: np.ndarray = field(default_factory=lambda: np.zeros(0))       # kept fit's cost per K tried
-    confirmed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # min reached twice (default rule)
-    fits_per_K: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    #: other (K, V11) that restarts gave with (near-)equal standing where the fit is not unique
-    #: (default rule); manifold_analysis re-analyses them for the center model's share of the SEs
-    alternatives: tuple = ()
-    degenerate: bool = False     # the selected K's fit is not unique (see notes)
 
 
 def qr_signs(R: np.ndarray) -> np.ndarray:
@@ -159,10 +119,10 @@ def fit_center_model(centers: np.ndarray, rng: np.random.Generator | np.random.R
                      n_threads: int = 1) -> CenterModel:
     """rho_c and the center model of the (P, N) float64 centers (rows in the caller's order).
 
-    K=None selects K = argmin res_coeff over the K scanned; an int fixes K (0 = remove nothing).
+    K=None selects K = argmin res_coeff over K = 1..maxK (reference rule: best-stability rep per K,
+    early stop after three strict increases); an int fixes K (0 = remove nothing).
 
-    rng a Generator (default, seed_mode="spawn"): per K the lowest-cost converged fit, confirmed by
-    a second restart (_fit_min_cost; n_reps is the budget of fits per K).
+    rng a Generator: starts s^T Y plus the previous K's frame (one block of normals drawn up front).
     rng a legacy RandomState (seed_mode="reference"): the reference's draws and starts exactly. For
     each K tried and each rep it draws randn(P, 1) (the reference's s, whose start it then discards)
     and randn(n, K), whose unsigned QR factor is the start (pymanopt 0.2.5's Stiefel.rand(), as
@@ -193,12 +153,11 @@ def fit_center_model(centers: np.ndarray, rng: np.random.Generator | np.random.R
         raise InputError(
             f"K must be between 0 and {n} (P = {P} classes, N = {N} features), got {K}"
         )
-    if not reference:
-        return _fit_min_cost(Y, C, Q, N, rho_c, max_k, max_k_ref, notes, rng, n_reps=n_reps, K=K,
-                             max_iter=max_iter, gtol=gtol, min_step=min_step, n_threads=n_threads)
     last = max_k if (K is None or reference) else K
     if reference and K is not None and K > last:
         last = K
+    if not reference:
+        starts = rng.standard_normal((max(last, 1), n_reps, P))
     res, stab, ratio, frames = [], [], [], []
     n_fits = 0
     iters = 0
@@ -220,8 +179,12 @@ def fit_center_model(centers: np.ndarray, rng: np.random.Generator | np.random.R
                 break
             V0s = np.empty((n_reps, n, k))
             for r in range(n_reps):
-                rng.randn(P, 1)                           # the reference's unused s
-                V0s[r] = np.linalg.qr(rng.randn(n, k))[0]  # pymanopt Stiefel(n, k).rand()
+                if reference:
+                    rng.randn(P, 1)                           # the reference's unused s
+                    V0s[r] = np.linalg.qr(rng.randn(n, k))[0]  # pymanopt Stiefel(n, k).rand()
+                else:
+                    A = np.concatenate([(starts[k - 1, r] @ Y)[:, None], Vprev], axis=1)
+                    V0s[r] = _sign_fixed_qr(A)[0]
             if pool is not None:
                 fits = list(pool.map(lambda r: fit_and_score(Y, C, V0s[r], max_iter, gtol, min_step,
                                                              reference), range(n_reps)))
@@ -277,216 +240,3 @@ def fit_center_model(centers: np.ndarray, rng: np.random.Generator | np.random.R
         max_K_reference=max_k_ref, res_coeff=res_arr, stability=np.array(stab),
         norm_coeff=np.array(ratio), n_fits=n_fits, cg_iterations=iters, notes=tuple(notes),
     )
-
-
-def _sin_angle(A: np.ndarray, B: np.ndarray) -> float:
-    """Sine of the largest principal angle between span(A) and span(B) (orthonormal, same shape)."""
-    sv = np.linalg.svd(A.T @ B, compute_uv=False)
-    return float(np.sqrt(max(0.0, 1.0 - float(sv.min()) ** 2))) if sv.size else 0.0
-
-
-def welch_res_bound(P: int, dim: int) -> float:
-    """Lower bound on res_coeff (mean |off-diagonal cosine|) of ANY P vectors in `dim` dimensions:
-    mean |cos| >= mean cos^2 >= (P / dim - 1) / (P - 1) (Welch's bound sum_{a != b} cos^2 >= P^2/dim - P).
-    0 when dim >= P. It grows with K (dim = n - K), so once it exceeds the best res_coeff found, no
-    larger K can be selected."""
-    if dim <= 0:
-        return np.inf
-    return max(0.0, (P / dim - 1.0) / (P - 1.0))
-
-
-def _cluster(fits: list[dict], f_scale: float) -> list[dict]:
-    """Group converged fits that reached the same minimum (cost within COST_RTOL, frames within
-    FRAME_SIN_TOL); clusters sorted by cost, each represented by its lowest-cost fit."""
-    clusters: list[dict] = []
-    for fit in sorted((f for f in fits if f["converged"]), key=lambda f: (f["cost"], f["index"])):
-        for c in clusters:
-            if (abs(fit["cost"] - c["cost"]) <= COST_RTOL * f_scale
-                    and _sin_angle(fit["V"], c["V"]) <= FRAME_SIN_TOL):
-                c["members"].append(fit)
-                break
-        else:
-            clusters.append({"cost": fit["cost"], "V": fit["V"], "fit": fit, "members": [fit]})
-    return clusters
-
-
-def _fit_min_cost(Y, C, Q, N, rho_c, max_k, max_k_ref, notes, rng, *, n_reps, K, max_iter, gtol,
-                  min_step, n_threads) -> CenterModel:
-    """The default center model: for each K the lowest-cost converged fit, confirmed by a restart.
-
-    For each K: fits run FIT_BATCH at a time (L-BFGS to gradient norm gtol * max(1, P / GTOL_P);
-    converged: see CONV_SLACK): n_min = max(n_reps, ceil(SMALL_P_FITS / P)) fits, then more until the
-    lowest-cost converged minimum has been reached by two fits, at least one of them from an
-    independent random start (a random orthonormal frame Y^T S, S standard normal P x K), or
-    BUDGET_FACTOR * n_min fits are spent. The first start for K >= 2 is warm: the
-    previous K's kept frame plus one new direction s^T Y. It may only speed the search up: a minimum
-    found by it alone is not confirmed until a random start reaches it too. Aborted fits (iteration
-    cap, failed line search) are never kept while a converged fit exists. K's scan stops at maxK,
-    at the reference's early stop (res_coeff rose on 3 steps in a row after K = 4), or when Welch's
-    lower bound on res_coeff for the next K exceeds the best res_coeff found (welch_res_bound).
-    """
-    P, n = Y.shape
-    gtol_eff = gtol * max(1.0, P / GTOL_P)
-    # small problems are cheap (a fit costs O(P^2 K) per iteration) and multimodal: more restarts
-    n_min = max(n_reps, -(-SMALL_P_FITS // P))
-    last = max_k if K is None else K
-    res, stab, ratio, costs, frames, conf, nfits = [], [], [], [], [], [], []
-    per_k_clusters: list[list[dict]] = []
-    n_fits = 0
-    iters = 0
-    Vprev = np.zeros((n, 0))
-    degenerate_k: list[int] = []
-    with contextlib.ExitStack() as stack:
-        pool = None
-        if n_threads > 1 and last >= 1 and n_reps > 1:
-            stack.enter_context(blas_threads(1))
-            pool = stack.enter_context(ThreadPoolExecutor(max_workers=min(FIT_BATCH, n_threads)))
-        for k in range(1, last + 1):
-            if k >= n:
-                res.append(np.nan); stab.append(0.0); ratio.append(0.0); costs.append(np.inf)
-                frames.append(None); conf.append(False); nfits.append(0); per_k_clusters.append([])
-                notes.append(f"K = {k} skipped: it removes every center direction (P = {P})")
-                break
-            fits: list[dict] = []
-            clusters: list[dict] = []
-            confirmed = False
-            while len(fits) < n_min or (not confirmed and len(fits) < BUDGET_FACTOR * n_min):
-                starts = []
-                for r in range(len(fits), len(fits) + FIT_BATCH):
-                    warm = r == 0 and Vprev.shape[1] == k - 1 and k > 1
-                    if warm:
-                        A = np.concatenate([(rng.standard_normal(P) @ Y)[:, None], Vprev], axis=1)
-                    else:
-                        A = Y.T @ rng.standard_normal((P, k))
-                    starts.append((r, warm, _sign_fixed_qr(A)[0]))
-                run = lambda st: fit_and_score(Y, C, st[2], max_iter, gtol_eff, min_step, False)
-                outs = list(pool.map(run, starts)) if pool is not None else [run(st) for st in starts]
-                for (r, warm, _), (V, f, it, rc, st) in zip(starts, outs):
-                    gn = _grad_norm(Y, C, V)
-                    fits.append({"index": r, "warm": warm, "V": V, "cost": float(f), "res": float(rc),
-                                 "stab": float(st),
-                                 "converged": bool(np.isfinite(f) and it < max_iter and gn <= CONV_SLACK * gtol_eff)})
-                    iters += int(it)
-                n_fits += len(starts)
-                finite = [f["cost"] for f in fits if np.isfinite(f["cost"])]
-                f_scale = max(1.0, min(finite)) if finite else 1.0
-                clusters = _cluster(fits, f_scale)
-                if clusters:
-                    best = clusters[0]["members"]
-                    confirmed = len(best) >= 2 and any(not m["warm"] for m in best)
-            if clusters:
-                kept = clusters[0]["fit"]
-            else:
-                ok = [f for f in fits if np.isfinite(f["cost"])]
-                kept = min(ok, key=lambda f: (f["cost"], f["index"])) if ok else None
-                notes.append(f"K = {k}: none of {len(fits)} fits converged (gradient norm > {CONV_SLACK * gtol_eff:.2g}); "
-                             "the lowest-cost fit is kept")
-            nfits.append(len(fits))
-            if kept is None or kept["stab"] < MIN_STABILITY:
-                res.append(np.nan); stab.append(0.0 if kept is None else kept["stab"]); ratio.append(0.0)
-                costs.append(np.inf); frames.append(None); conf.append(False); per_k_clusters.append([])
-                notes.append(f"K = {k} skipped: every fit removes a center entirely")
-                break
-            V = kept["V"]
-            rc, st, nr = residual_stats(Y, C, V)
-            # minima another seed could have kept: when the lowest was reached only once, the next
-            # lowest ones; otherwise those within NEAR_RTOL of it
-            near = [c for c in clusters[1:]
-                    if not confirmed or c["cost"] - kept["cost"] <= NEAR_RTOL * max(1.0, kept["cost"])]
-            if not confirmed or near:
-                degenerate_k.append(k)
-            res.append(rc); stab.append(st); ratio.append(nr); costs.append(kept["cost"])
-            frames.append(V); conf.append(confirmed); per_k_clusters.append(near[:MAX_ALTERNATIVES])
-            Vprev = V
-            if K is None:
-                if k > 4 and res[k - 1] > res[k - 2] > res[k - 3] > res[k - 4]:
-                    break
-                if np.isfinite(np.nanmin(res)) and welch_res_bound(P, n - k - 1) > np.nanmin(res):
-                    if k < last:
-                        notes.append(f"K scan stopped after K = {k}: Welch's bound on res_coeff for "
-                                     f"K >= {k + 1} exceeds the best res_coeff {np.nanmin(res):.4g}")
-                    break
-    res_arr = np.array(res, dtype=float)
-    if K is None:
-        if np.all(np.isnan(res_arr)):
-            K_sel = 0
-            notes.append(f"no valid K in 1..{max_k}: no center subspace removed (K = 0)")
-        else:
-            K_sel = int(np.nanargmin(res_arr)) + 1
-    else:
-        K_sel = K
-        if K > 0 and (K > len(frames) or frames[K - 1] is None):
-            raise AnalysisError(
-                f"K = {K} is not usable for these centers: fitting it removes a center entirely "
-                f"(P = {P}, center rank {n})"
-            )
-    # other center models that other restarts would have given: each distinct converged minimum of
-    # a K whose fit is not unique, substituted for that K's kept fit, and the K it then selects
-    alts: list[tuple[int, np.ndarray, float]] = []
-    for k in degenerate_k:
-        for c in per_k_clusters[k - 1]:
-            rc_c = residual_stats(Y, C, c["V"])[0]
-            if K is None:
-                r2 = res_arr.copy()
-                r2[k - 1] = rc_c
-                k_alt = int(np.nanargmin(r2)) + 1
-            else:
-                k_alt = K_sel
-            if k_alt == k:
-                alts.append((k, c["V"], c["cost"]))
-            elif k_alt != K_sel and frames[k_alt - 1] is not None:
-                alts.append((k_alt, frames[k_alt - 1], costs[k_alt - 1]))
-    seen = set()
-    uniq = []
-    for k_a, V_a, c_a in sorted(alts, key=lambda a: (a[0] != K_sel, a[2])):
-        key = (k_a, round(c_a, 9))
-        if key in seen or (k_a == K_sel and V_a is frames[K_sel - 1]):
-            continue
-        seen.add(key)
-        uniq.append((k_a, V_a))
-    uniq = uniq[:MAX_ALTERNATIVES]
-    ties = []
-    if K is None and K_sel > 0:
-        for k in range(1, len(res_arr) + 1):
-            if (k != K_sel and frames[k - 1] is not None
-                    and res_arr[k - 1] <= res_arr[K_sel - 1] * (1.0 + RES_TIE_RTOL)
-                    and all(a[0] != k for a in uniq)):
-                ties.append((k, frames[k - 1]))
-    uniq = (uniq + ties)[:MAX_ALTERNATIVES]
-    if K is None and K_sel > 0 and not conf[K_sel - 1] and not uniq:
-        # the selected K's minimum was reached once and no other converged minimum stands beside it:
-        # the runner-up K (next lowest res_coeff) is what another seed may well select
-        order = [int(k) for k in np.argsort(np.where(np.isnan(res_arr), np.inf, res_arr)) if np.isfinite(res_arr[k])]
-        if len(order) > 1 and frames[order[1]] is not None:
-            uniq.append((order[1] + 1, frames[order[1]]))
-    degenerate = bool(K_sel > 0 and (K_sel in degenerate_k or uniq))
-    if degenerate:
-        k_list = sorted({a[0] for a in uniq} | {K_sel})
-        why = []
-        if K_sel > 0 and not conf[K_sel - 1]:
-            why.append(f"no second of {nfits[K_sel - 1]} restarts reached the lowest-cost frame at K = {K_sel}")
-        if ties:
-            why.append(f"res_coeff of K = {', '.join(str(t[0]) for t in ties)} within "
-                       f"{RES_TIE_RTOL:.1%} of the minimum at K = {K_sel}")
-        if len(uniq) > len(ties):
-            why.append(f"{len(uniq) - len(ties)} other restart minima of near-equal standing (K in {k_list})")
-        notes.append("near-degenerate center geometry: " + "; ".join(why) + "; the standard errors "
-                     "include the spread over these center models")
-    V11 = np.zeros((N, 0)) if K_sel == 0 else Q @ frames[K_sel - 1]
-    alternatives = tuple((k_a, np.ascontiguousarray(Q @ V_a)) for k_a, V_a in uniq)
-    return CenterModel(
-        rho_c=float(rho_c), K=K_sel, V11=np.ascontiguousarray(V11), max_K=max_k,
-        max_K_reference=max_k_ref, res_coeff=res_arr, stability=np.array(stab),
-        norm_coeff=np.array(ratio), n_fits=n_fits, cg_iterations=iters, notes=tuple(notes),
-        cost=np.array(costs, dtype=float), confirmed=np.array(conf, dtype=bool),
-        fits_per_K=np.array(nfits, dtype=np.int64), alternatives=alternatives, degenerate=degenerate,
-    )
-
-
-def _grad_norm(Y, C, V) -> float:
-    """Riemannian gradient norm of the center cost at V."""
-    f, eg = center_cost_grad(Y, C, V)
-    if not np.isfinite(f):
-        return np.inf
-    g = eg - V @ (V.T @ eg)
-    return float(np.linalg.norm(g))

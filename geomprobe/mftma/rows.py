@@ -24,9 +24,8 @@ def mftma_rows(
 ) -> tuple[list[tuple[str, object, float]], list[str]]:
     """MFTMA metrics as rows (metric, class_id or None, value) plus human-readable notes.
 
-    Rows: capacity, radius, dimension, center_correlation, K and the standard errors capacity_se,
-    radius_se, dimension_se (class None); capacity, radius, dimension and their *_se per class (class
-    = class id); near-degenerate center geometry is named in the notes; empirical_capacity and empirical_Nc if ``empirical``.
+    Rows: capacity, radius, dimension, center_correlation, K (class None); capacity, radius,
+    dimension per class (class = class id); empirical_capacity and empirical_Nc if ``empirical``.
     ``max_classes``: seeded choice of that many classes (None = all). ``per_class``: seeded
     subsample of that many examples per class (None = all; smaller classes are kept whole).
     Classes of size 1 are kept (point manifolds are valid: capacity ~ 2, radius = dimension = 0);
@@ -75,18 +74,12 @@ def mftma_rows(
         ("dimension", None, res.dimension),
         ("center_correlation", None, res.center_correlation),
         ("K", None, float(res.K)),
-        ("capacity_se", None, res.capacity_se),
-        ("radius_se", None, res.radius_se),
-        ("dimension_se", None, res.dimension_se),
     ]
     for i, cid in enumerate(ids):
         cid = cid.item() if hasattr(cid, "item") else cid
         rows.append(("capacity", cid, float(res.class_capacity[i])))
         rows.append(("radius", cid, float(res.class_radius[i])))
         rows.append(("dimension", cid, float(res.class_dimension[i])))
-        rows.append(("capacity_se", cid, float(res.class_capacity_se[i])))
-        rows.append(("radius_se", cid, float(res.class_radius_se[i])))
-        rows.append(("dimension_se", cid, float(res.class_dimension_se[i])))
     if empirical:
         emp = empirical_capacity(Xs, seed=int(seed_emp))
         rows.append(("empirical_capacity", None, emp.capacity))
