@@ -242,9 +242,14 @@ def run_label_noise_geometry(o: LabelNoiseGeometryOptions, out: Path, force: boo
         T._truncate_log(split_log, -1 if force or not last.exists() else int(load_checkpoint(last, keys=("epoch",))["epoch"]))
     cfg = _cfg(o, epochs=o.epochs, batch_size=o.batch_size, optimizer=o.optimizer, lr=o.lr,
                stop_train_acc=o.stop_train_acc, keep_every=o.keep_every)
+    from .scores import ScoreRecorder
+
+    # per-example forgetting / EL2N / AUM / gradient norms -> train/scores.csv (docs/companion.md)
+    scores = ScoreRecorder(len(perm), subsets=np.where(perm, "permuted", "unpermuted"),
+                           true_labels=noise.true_labels, el2n_epoch=max(1, o.epochs // 10))
     res = train(model, ds.x_train, noise.train_labels, ds.x_test, ds.y_test, cfg=cfg, out=out / "train", force=force,
                 eval_sets=eval_sets, on_epoch=on_epoch, run_info=dict(meta, options=_run_options(o)),
-                if_done="return")
+                if_done="return", scores=scores)
     rdir = out / "train"
     for tag, which in (("best", "best"), ("final", "last")):
         ep = _load_epoch(model, rdir, which)
@@ -451,6 +456,7 @@ OWNED_PATTERN = re.compile(r"""^(?:
     | gradient_split\.jsonl | normalized_loss\.jsonl
     | (?:[^/]+/)?acts_[^/]+\.npz                       # activation files (top level or one run folder)
     | (?:[^/]+/)?metrics\.jsonl | (?:[^/]+/)?train_summary\.json
+    | (?:[^/]+/)?scores\.(?:csv|json) | (?:[^/]+/)?scores_state\.npz
     | (?:[^/]+/)?checkpoints/(?:epoch_\d+|last|best)\.pt
     | analysis/.+ | report/.+                         # the summary's analysis cache and the report
     | (?:.+/)?\.[^/]+\.tmp(?:\.npz)?                   # temporary files of atomic writes

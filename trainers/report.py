@@ -100,6 +100,13 @@ def build_report(outdir: str | Path, *, resummarize: bool = False, umap: bool = 
     if summary.get("missing"):
         body += ["## Not logged by this run", ""] + [f"- {m}" for m in summary["missing"]] + [""]
     body += analysis_section(out, summary)
+    from .scores import scores_figure, scores_section
+
+    section = scores_section(out)
+    if section:
+        body += [section]
+        F.save(scores_figure(out), rdir / "scores.png")
+        made.append("scores")
     body += ["## Figures", ""]
     for stem in made:
         body += [f"### {stem}", "", f"![{stem}]({stem}.png)", ""]
