@@ -347,11 +347,7 @@ def test_readme_explains_every_column_of_the_printed_table():
 # Fences without a language are neither run nor declared output. Files listed here still have some
 # (their owners were asked to name the language: sh/python to run, text for output); the xfail is
 # strict, so a fixed file must leave this list.
-_UNTAGGED_PENDING: dict[str, str] = {
-    "docs/performance.md": "trainers section: a command and its output (console, or sh + text)",
-    "docs/reproducing.md": "commands and output blocks being edited by the trainers' owner",
-    "docs/trainers.md": "commands and output blocks being edited by the trainers' owner",
-}
+_UNTAGGED_PENDING: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("path", [
