@@ -14,17 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._kernels.glue import joint_dual_batch
-from ._validation import (
-    AnalysisError,
-    InputError,
-    check_choice,
-    check_labels,
-    check_matrix,
-    check_nonneg_float,
-    check_positive_int,
-    check_seed,
-    encode_labels,
-)
+from ._validation import AnalysisError, check_choice, check_nonneg_float, check_positive_int, check_seed
 from .mftma._data import as_manifolds, n_workers
 from .mftma.simcap import check_dichotomies, draw_dichotomy
 from .registry import MetricInfo, register
@@ -401,32 +391,12 @@ def glue_rows(
     A fixed ``dichotomies`` array is given per chosen class, in sorted class-id order.
     All randomness comes from ``rng``.
     """
-    X = check_matrix(X, "X")
-    labels = check_labels(labels, X.shape[0])
-    if per_class is not None:
-        per_class = check_positive_int(per_class, "per_class")
-    if max_classes is not None:
-        max_classes = check_positive_int(max_classes, "max_classes", minimum=2)
+    from .mftma.rows import sample_manifolds
+
     n_t = check_positive_int(n_t, "n_t")
-    classes, codes = encode_labels(labels)
-    if len(classes) < 2:
-        raise InputError(f"GLUE needs at least 2 classes, labels contain {len(classes)}")
-    notes: list[str] = []
-    chosen = np.arange(len(classes))
-    if max_classes is not None and max_classes < len(classes):
-        chosen = np.sort(rng.choice(len(classes), size=max_classes, replace=False))
-        notes.append(f"GLUE: {max_classes} of {len(classes)} classes chosen at random (max_classes)")
+    X, classes, chosen, idxs, notes = sample_manifolds(X, labels, rng, per_class=per_class,
+                                                       max_classes=max_classes, what="GLUE")
     check_dichotomies(dichotomies, len(chosen))
-    idxs = []
-    n_sub = 0
-    for c in chosen:
-        idx = np.flatnonzero(codes == c)
-        if per_class is not None and idx.size > per_class:
-            idx = np.sort(rng.choice(idx, size=per_class, replace=False))
-            n_sub += 1
-        idxs.append(idx)
-    if n_sub:
-        notes.append(f"GLUE: {n_sub} class(es) subsampled to {per_class} examples (per_class)")
     res = glue_analysis([X[i] for i in idxs], dichotomies=dichotomies, kappa=kappa, n_t=n_t,
                         seed=int(rng.integers(0, 2**63 - 1)), solver=solver)
     notes.extend(f"GLUE: {n}" for n in res.notes)

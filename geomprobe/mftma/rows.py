@@ -32,33 +32,9 @@ def mftma_rows(
     fewer than 2 classes is an InputError. All randomness comes from ``rng``. ``seed_mode`` is passed
     to :func:`manifold_analysis` ("reference": its seed is the drawn seed modulo 2**32).
     """
-    X = check_matrix(X, "X")
-    labels = check_labels(labels, X.shape[0])
-    if per_class is not None:
-        per_class = check_positive_int(per_class, "per_class")
-    if max_classes is not None:
-        max_classes = check_positive_int(max_classes, "max_classes", minimum=2)
-    classes, codes = encode_labels(labels)
-    if len(classes) < 2:
-        raise InputError(f"MFTMA needs at least 2 classes, labels contain {len(classes)}")
-    notes: list[str] = []
-    chosen = np.arange(len(classes))
-    if max_classes is not None and max_classes < len(classes):
-        chosen = np.sort(rng.choice(len(classes), size=max_classes, replace=False))
-        notes.append(f"MFTMA: {max_classes} of {len(classes)} classes chosen at random (max_classes)")
-    rows_idx = []
-    n_sub = 0
-    n_single = 0
-    for c in chosen:
-        idx = np.flatnonzero(codes == c)
-        if per_class is not None and idx.size > per_class:
-            idx = np.sort(rng.choice(idx, size=per_class, replace=False))
-            n_sub += 1
-        if idx.size == 1:
-            n_single += 1
-        rows_idx.append(idx)
-    if n_sub:
-        notes.append(f"MFTMA: {n_sub} class(es) subsampled to {per_class} examples (per_class)")
+    X, classes, chosen, rows_idx, notes = sample_manifolds(X, labels, rng, per_class=per_class,
+                                                           max_classes=max_classes, what="MFTMA")
+    n_single = sum(idx.size == 1 for idx in rows_idx)
     if n_single:
         notes.append(f"MFTMA: {n_single} class(es) with a single example analysed as point manifolds")
     Xs = [X[idx] for idx in rows_idx]
@@ -86,3 +62,37 @@ def mftma_rows(
         rows.append(("empirical_Nc", None, emp.N_c))
         notes.extend(f"MFTMA empirical capacity: {n}" for n in emp.notes)
     return rows, notes
+
+
+def sample_manifolds(X, labels, rng: np.random.Generator, *, per_class: int | None, max_classes: int | None,
+                     what: str):
+    """Validate ``X`` / ``labels`` and draw the manifolds a rows function analyses: a seeded choice of
+    ``max_classes`` classes (None = all), then a seeded subsample of ``per_class`` rows per chosen class
+    (None = all; smaller classes kept whole), in that order from ``rng``. Returns (X, classes, chosen
+    class codes, row indices per chosen class, notes prefixed with ``what``). Fewer than 2 classes is
+    an InputError. Shared by mftma_rows and glue_rows, so both draw the same manifolds from the same rng."""
+    X = check_matrix(X, "X")
+    labels = check_labels(labels, X.shape[0])
+    if per_class is not None:
+        per_class = check_positive_int(per_class, "per_class")
+    if max_classes is not None:
+        max_classes = check_positive_int(max_classes, "max_classes", minimum=2)
+    classes, codes = encode_labels(labels)
+    if len(classes) < 2:
+        raise InputError(f"{what} needs at least 2 classes, labels contain {len(classes)}")
+    notes: list[str] = []
+    chosen = np.arange(len(classes))
+    if max_classes is not None and max_classes < len(classes):
+        chosen = np.sort(rng.choice(len(classes), size=max_classes, replace=False))
+        notes.append(f"{what}: {max_classes} of {len(classes)} classes chosen at random (max_classes)")
+    rows_idx = []
+    n_sub = 0
+    for c in chosen:
+        idx = np.flatnonzero(codes == c)
+        if per_class is not None and idx.size > per_class:
+            idx = np.sort(rng.choice(idx, size=per_class, replace=False))
+            n_sub += 1
+        rows_idx.append(idx)
+    if n_sub:
+        notes.append(f"{what}: {n_sub} class(es) subsampled to {per_class} examples (per_class)")
+    return X, classes, chosen, rows_idx, notes
