@@ -84,20 +84,8 @@ def select_targets(model: nn.Module, modules: Iterable[Any] | None, skip_unsuppo
         return rule_for(m)
 
     if modules is not None:
-        by_name = dict(named)
-        by_id = {id(m): n for n, m in named}
         out = []
-        for item in modules:
-            if isinstance(item, str):
-                if item not in by_name:
-                    raise InputError(f"modules: model has no submodule named {item!r}")
-                mod, name = by_name[item], item
-            elif isinstance(item, nn.Module):
-                if id(item) not in by_id:
-                    raise InputError(f"modules: {type(item).__name__} object is not a submodule of model")
-                mod, name = item, by_id[id(item)]
-            else:
-                raise InputError(f"modules must hold submodule names or nn.Module objects, got {item!r}")
+        for name, mod in resolve_modules(named, modules):
             r = rule(mod)
             if r is None:
                 raise InputError(f"modules: {name!r} is a {type(mod).__name__}, which no gradient rule covers "
@@ -692,3 +680,23 @@ def check_no_coupling(model: nn.Module) -> None:
             f"BatchNorm module(s) {coupled} are in train mode (or keep no running statistics); BatchNorm in "
             "train mode couples the examples of a batch, so per-example gradients are undefined "
             "(put the model, or those modules, in eval mode; gradient_stats does it with eval_mode=True)")
+
+
+def resolve_modules(named: list[tuple[str, nn.Module]], modules: Iterable[Any]) -> list[tuple[str, nn.Module]]:
+    """The user's ``modules`` (submodule names or nn.Module objects) as (name, module) pairs of the
+    model's ``named_modules()``; anything else is an InputError naming the item."""
+    by_name = dict(named)
+    by_id = {id(m): n for n, m in named}
+    out = []
+    for item in modules:
+        if isinstance(item, str):
+            if item not in by_name:
+                raise InputError(f"modules: model has no submodule named {item!r}")
+            out.append((item, by_name[item]))
+        elif isinstance(item, nn.Module):
+            if id(item) not in by_id:
+                raise InputError(f"modules: {type(item).__name__} object is not a submodule of model")
+            out.append((by_id[id(item)], item))
+        else:
+            raise InputError(f"modules must hold submodule names or nn.Module objects, got {item!r}")
+    return out

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from geomprobe._validation import InputError
 
-from .engine import eval_mode_ctx
+from .engine import eval_mode_ctx, resolve_modules
 from .oneshot import _check_batch
 
 __all__ = ["gradient_split", "gradient_split_norms", "normalized_loss", "relative_weight_distance"]
@@ -31,20 +31,8 @@ def _select_modules(model: nn.Module, modules: Iterable[Any] | None) -> list[tup
     named = list(model.named_modules())
     if modules is None:
         return [(n, m) for n, m in named if isinstance(m, (nn.Linear, nn.Conv2d))]
-    by_name = dict(named)
-    by_id = {id(m): n for n, m in named}
     out = []
-    for item in modules:
-        if isinstance(item, str):
-            if item not in by_name:
-                raise InputError(f"modules: model has no submodule named {item!r}")
-            mod, name = by_name[item], item
-        elif isinstance(item, nn.Module):
-            if id(item) not in by_id:
-                raise InputError(f"modules: {type(item).__name__} object is not a submodule of model")
-            mod, name = item, by_id[id(item)]
-        else:
-            raise InputError(f"modules must hold submodule names or nn.Module objects, got {item!r}")
+    for name, mod in resolve_modules(named, modules):
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             raise InputError(
                 f"modules: {name!r} is a {type(mod).__name__}; only nn.Linear and nn.Conv2d are supported"
