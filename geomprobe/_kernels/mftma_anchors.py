@@ -12,6 +12,8 @@ exactly (finite active-set method of Lawson & Hanson) with an incrementally upda
 the passive block of G. v = t - sD1 z; the anchor is s~ = sD1 z / sum(z). sD1 z is unique even when G is
 singular (duplicate points, fewer dimensions than points), and so is sum(z) = (sD1 z)_last: columns that
 are linearly dependent on the passive set are never added (pivot test), so singular G is harmless.
+The Cholesky, solve and Lawson-Hanson steps are shared with the simcap kernel (.nnls). G is formed
+once per manifold (one BLAS product) and reused by every sample of the manifold.
 
 Kernels never raise and run unchanged with NUMBA_DISABLE_JIT=1.
 """
@@ -20,88 +22,34 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .nnls import accept_or_step, chol_append, chol_solve
+
 # Reference rule: if ||v - t|| < EPS_INTERIOR the anchor is the arg-max point (spec 13).
 EPS_INTERIOR = 1e-8
-# A column whose Cholesky pivot is below this fraction of its squared norm lies in the span of the
-# passive columns (to rounding) and is not added.
-_DEP_TOL = 1e-11
 
 
 @njit(cache=True, nogil=True)
-def _accept_or_step(y, z, idx, k):
-    """Lawson-Hanson inner step on the passive set idx[:k] with least-squares solution y.
-
-    If every y is positive, accept it (z[idx] = y) and return True. Otherwise move z towards y
-    until the first passive variable hits zero (that one is set to exactly 0) and return False;
-    the caller then drops the passive columns that reached zero.
-    """
-    ok = True
-    for q in range(k):
-        if y[q] <= 0.0:
-            ok = False
-            break
-    if ok:
-        for q in range(k):
-            z[idx[q]] = y[q]
-        return True
-    step = 1.0
-    qmin = -1
-    for q in range(k):
-        if y[q] <= 0.0:
-            zi = z[idx[q]]
-            a = zi / (zi - y[q])
-            if a < step:
-                step = a
-                qmin = q
-    for q in range(k):
-        i = idx[q]
-        z[i] += step * (y[q] - z[i])
-    if qmin >= 0:
-        z[idx[qmin]] = 0.0
-    return False
-
-
-@njit(cache=True, nogil=True)
-def _chol_rebuild(G, idx, k, L, keep):
-    """Cholesky of G[idx[:k]][:, idx[:k]] into L; columns whose pivot fails are dropped.
-
-    Returns the new count; idx is compacted in place. keep is a work array.
-    """
+def _chol_rebuild(G, idx, k, L, grow):
+    """Cholesky of G[idx[:k]][:, idx[:k]] into L, column by column with the pivot test of
+    chol_append; columns whose pivot fails are dropped. Returns the new count; idx is compacted in
+    place. grow is a work array. G is symmetric: its rows are read (contiguous)."""
     kk = 0
     for q in range(k):
         j = idx[q]
-        # row kk of L: solve L[:kk,:kk] l = G[idx[:kk], j]
+        Gj = G[j]
         for r in range(kk):
-            acc = G[idx[r], j]
-            for c in range(r):
-                acc -= L[r, c] * L[kk, c]
-            L[kk, r] = acc / L[r, r]
-        d2 = G[j, j]
-        for c in range(kk):
-            d2 -= L[kk, c] * L[kk, c]
-        if d2 > _DEP_TOL * G[j, j] and d2 > 0.0:
-            L[kk, kk] = np.sqrt(d2)
+            grow[r] = Gj[idx[r]]
+        if chol_append(L, kk, grow, Gj[j]):
             idx[kk] = j
             kk += 1
-            keep[q] = True
-        else:
-            keep[q] = False
     return kk
 
 
 @njit(cache=True, nogil=True)
-def _chol_solve(L, k, rhs, y):
-    """Solve (L L^T) y = rhs for the leading k x k block of L."""
-    for r in range(k):
-        acc = rhs[r]
-        for c in range(r):
-            acc -= L[r, c] * y[c]
-        y[r] = acc / L[r, r]
-    for r in range(k - 1, -1, -1):
-        acc = y[r]
-        for c in range(r + 1, k):
-            acc -= L[c, r] * y[c]
-        y[r] = acc / L[r, r]
+def _kcap(m, d1):
+    """Rows of the Cholesky work array: the passive set never exceeds rank(sD1) <= min(m, d1)
+    (dependent columns are refused), plus one row for the pivot test of a refused column."""
+    return min(m, d1 + 1)
 
 
 @njit(cache=True, nogil=True)
@@ -113,14 +61,22 @@ def nnls_gram(G, b, z, max_iter):
     """
     m = b.shape[0]
     return _nnls_ws(G, b, z, max_iter, np.zeros(m, np.bool_), np.zeros(m, np.bool_),
-                    np.empty(m, np.int64), np.empty(m, np.bool_), np.empty((m, m)), np.empty(m),
-                    np.empty(m), np.empty(m))
+                    np.empty(m, np.int64), np.empty((m, m)), np.empty(m), np.empty(m), np.empty(m),
+                    np.empty(m))
 
 
 @njit(cache=True, nogil=True)
-def _nnls_ws(G, b, z, max_iter, passive, excluded, idx, keep, L, rhs, y, w):
-    """nnls_gram with caller-provided work arrays (no allocation per call)."""
+def _nnls_ws(G, b, z, max_iter, passive, excluded, idx, L, rhs, y, w, grow):
+    """nnls_gram with caller-provided work arrays (no allocation per call).
+
+    Working set over the points: z starts at 0, so the first column taken is the maximiser of
+    b = sD1^T t' (the support-function point of the sample); every outer step solves the
+    least-squares problem on the working (passive) set through its Cholesky factor and checks the
+    full KKT conditions with one product against the reused Gram rows of the working set,
+    w = b - G z (O(m k)); the most violated point enters. L has at least min(m, rank + 1) rows.
+    """
     m = b.shape[0]
+    kcap = L.shape[0]
     for i in range(m):
         passive[i] = False
         excluded[i] = False
@@ -144,19 +100,16 @@ def _nnls_ws(G, b, z, max_iter, passive, excluded, idx, keep, L, rhs, y, w):
                 j = i
         if j < 0:
             break
-        # append column j to the Cholesky factor of the passive block
-        for r in range(k):
-            acc = G[idx[r], j]
-            for c in range(r):
-                acc -= L[r, c] * L[k, c]
-            L[k, r] = acc / L[r, r]
-        d2 = G[j, j]
-        for c in range(k):
-            d2 -= L[k, c] * L[k, c]
-        if not (d2 > _DEP_TOL * G[j, j] and d2 > 0.0):
+        if k >= kcap:       # cannot happen (k <= rank < kcap); refuse rather than overflow
             excluded[j] = True
             continue
-        L[k, k] = np.sqrt(d2)
+        # append column j to the Cholesky factor of the passive block (G symmetric: row j)
+        Gj = G[j]
+        for r in range(k):
+            grow[r] = Gj[idx[r]]
+        if not chol_append(L, k, grow, Gj[j]):
+            excluded[j] = True
+            continue
         idx[k] = j
         k += 1
         passive[j] = True
@@ -167,7 +120,7 @@ def _nnls_ws(G, b, z, max_iter, passive, excluded, idx, keep, L, rhs, y, w):
                 return -1
             for q in range(k):
                 rhs[q] = b[idx[q]]
-            _chol_solve(L, k, rhs, y)
+            chol_solve(L, k, rhs, y)
             if first and y[k - 1] <= 0.0:
                 # rounding made the new column useless: drop it and never take it again here
                 k -= 1
@@ -175,7 +128,7 @@ def _nnls_ws(G, b, z, max_iter, passive, excluded, idx, keep, L, rhs, y, w):
                 excluded[j] = True
                 break
             first = False
-            if _accept_or_step(y, z, idx, k):
+            if accept_or_step(y, z, idx, k):
                 break
             kk = 0
             for q in range(k):
@@ -186,7 +139,7 @@ def _nnls_ws(G, b, z, max_iter, passive, excluded, idx, keep, L, rhs, y, w):
                 else:
                     z[i] = 0.0
                     passive[i] = False
-            k = _chol_rebuild(G, idx, kk, L, keep)
+            k = _chol_rebuild(G, idx, kk, L, grow)
             # columns dropped by the rebuild pivot test leave the passive set with value 0
             for i in range(m):
                 passive[i] = False
@@ -199,12 +152,15 @@ def _nnls_ws(G, b, z, max_iter, passive, excluded, idx, keep, L, rhs, y, w):
                 excluded[i] = False
             if k == 0:
                 break
-        # dual gradient w = b - G z
+        # dual gradient w = b - G z over the working set: rows of G (contiguous), the same
+        # summation order per entry as a column sweep
         for i in range(m):
-            acc = b[i]
-            for q in range(k):
-                acc -= G[i, idx[q]] * z[idx[q]]
-            w[i] = acc
+            w[i] = b[i]
+        for q in range(k):
+            zq = z[idx[q]]
+            Gq = G[idx[q]]
+            for i in range(m):
+                w[i] -= Gq[i] * zq
     return it
 
 
@@ -220,10 +176,11 @@ def _manifold_kernel(sD1, G, T, kappa, anchors, is_qp, max_iter):
     passive = np.zeros(m, np.bool_)
     excluded = np.zeros(m, np.bool_)
     idx = np.empty(m, np.int64)
-    keep = np.empty(m, np.bool_)
-    L = np.empty((m, m))
-    rhs = np.empty(m)
-    y = np.empty(m)
+    kc = _kcap(m, d1)
+    L = np.empty((kc, kc))
+    rhs = np.empty(kc)
+    y = np.empty(kc)
+    grow = np.empty(kc)
     w = np.empty(m)
     b = np.empty(m)
     fails = 0
@@ -241,7 +198,7 @@ def _manifold_kernel(sD1, G, T, kappa, anchors, is_qp, max_iter):
         is_qp[s] = False
         if best + kappa >= 0.0:
             is_qp[s] = True
-            it = _nnls_ws(G, b, z, max_iter, passive, excluded, idx, keep, L, rhs, y, w)
+            it = _nnls_ws(G, b, z, max_iter, passive, excluded, idx, L, rhs, y, w, grow)
             if it < 0:
                 fails += 1
             for r in range(d1):
@@ -313,15 +270,13 @@ def anchor_metrics(T, anchors, kappa):
 
 @njit(cache=True, nogil=True)
 def gram(sD1):
-    d1, m = sD1.shape
-    G = np.empty((m, m))
+    """G = sD1^T sD1 (m x m), formed once per manifold by one BLAS product and made exactly
+    symmetric (upper triangle copied to the lower), so that its rows can stand for its columns."""
+    m = sD1.shape[1]
+    G = np.dot(np.ascontiguousarray(sD1.T), np.ascontiguousarray(sD1))
     for i in range(m):
-        for j in range(i, m):
-            acc = 0.0
-            for r in range(d1):
-                acc += sD1[r, i] * sD1[r, j]
-            G[i, j] = acc
-            G[j, i] = acc
+        for j in range(i + 1, m):
+            G[j, i] = G[i, j]
     return G
 
 

@@ -16,48 +16,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .mftma_anchors import _accept_or_step
-
-_DEP_TOL = 1e-11
-
-
-@njit(cache=True, nogil=True)
-def _chol_delete(L, k, q):
-    """Remove row/column q from the Gram matrix whose Cholesky factor is L[:k, :k] (O(k^2) Givens)."""
-    for i in range(q, k - 1):
-        for c in range(i + 2):
-            L[i, c] = L[i + 1, c]
-    for j in range(q, k - 1):
-        a = L[j, j]
-        b = L[j, j + 1]
-        r = np.sqrt(a * a + b * b)
-        if r == 0.0:
-            continue
-        cs = a / r
-        sn = b / r
-        for i in range(j, k - 1):
-            x = L[i, j]
-            y = L[i, j + 1]
-            L[i, j] = cs * x + sn * y
-            L[i, j + 1] = -sn * x + cs * y
-        L[j, j + 1] = 0.0
-
-
-@njit(cache=True, nogil=True)
-def _drop_zeros(L, k, idx, z, passive, excluded):
-    """Drop the passive columns whose coefficient reached zero (Givens downdates of the Cholesky
-    factor L[:k, :k], idx kept in Cholesky order) and re-admit every excluded column. Returns the new k."""
-    for q in range(k - 1, -1, -1):
-        i = idx[q]
-        if not z[i] > 0.0:
-            z[i] = 0.0
-            passive[i] = False
-            _chol_delete(L, k, q)
-            for t in range(q, k - 1):
-                idx[t] = idx[t + 1]
-            k -= 1
-    excluded[:] = False
-    return k
+from .nnls import (
+    accept_or_step,
+    chol_append,
+    chol_append_rows,
+    chol_delete,
+    chol_solve,
+    chol_solve_rows,
+    dot_rows,
+    drop_zeros,
+)
 
 
 @njit(cache=True, nogil=True)
@@ -100,18 +68,9 @@ def hull_nnls(A, max_iter):
         gjj = 1.0
         for c in range(d):
             gjj += A[j, c] * A[j, c]
-        for q in range(k):
-            acc = grow[q]
-            for c in range(q):
-                acc -= L[q, c] * L[k, c]
-            L[k, q] = acc / L[q, q]
-        d2 = gjj
-        for c in range(k):
-            d2 -= L[k, c] * L[k, c]
-        if not (d2 > _DEP_TOL * gjj and d2 > 0.0):
+        if not chol_append(L, k, grow, gjj):
             excluded[j] = True
             continue
-        L[k, k] = np.sqrt(d2)
         idx[k] = j
         k += 1
         passive[j] = True
@@ -121,26 +80,16 @@ def hull_nnls(A, max_iter):
             if it > max_iter:
                 status = 1
                 break
-            # solve L L^T y = 1
-            for r in range(k):
-                acc = rhs[r]
-                for c in range(r):
-                    acc -= L[r, c] * y[c]
-                y[r] = acc / L[r, r]
-            for r in range(k - 1, -1, -1):
-                acc = y[r]
-                for c in range(r + 1, k):
-                    acc -= L[c, r] * y[c]
-                y[r] = acc / L[r, r]
+            chol_solve(L, k, rhs, y)   # L L^T y = 1
             if first and y[k - 1] <= 0.0:
                 k -= 1
                 passive[j] = False
                 excluded[j] = True
                 break
             first = False
-            if _accept_or_step(y, z, idx, k):
+            if accept_or_step(y, z, idx, k):
                 break
-            k = _drop_zeros(L, k, idx, z, passive, excluded)
+            k = drop_zeros(L, k, idx, z, passive, excluded)
             if k == 0:
                 break
         if status:
@@ -168,30 +117,6 @@ def hull_nnls(A, max_iter):
     return z, u, 1.0 - sz, status
 
 
-@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _dot4(a, b, n):
-    """a[:n] . b[:n], vectorised (the compiler may reassociate the sum: the order is fixed by the
-    compiled code, so results are the same run to run on one machine)."""
-    s = 0.0
-    for c in range(n):
-        s += a[c] * b[c]
-    return s
-
-
-@njit(cache=True, nogil=True)
-def _solve_ones(L, k, rhs, y):
-    """y = (L L^T)^-1 rhs over the first k rows (forward substitution by rows, backward by
-    columns of L^T = rows of L, so both sweep contiguous memory)."""
-    for r in range(k):
-        y[r] = (rhs[r] - _dot4(L[r], y, r)) / L[r, r]
-    for r in range(k - 1, -1, -1):
-        yr = y[r] / L[r, r]
-        y[r] = yr
-        Lr = L[r]
-        for c in range(r):
-            y[c] -= Lr[c] * yr
-
-
 @njit(cache=True, nogil=True)
 def _to_ls_solution(L, k, idx, z, passive, excluded, y, rhs, it, max_iter):
     """Lawson-Hanson inner loop: from a feasible z (> 0 on the passive set) move towards the
@@ -202,10 +127,10 @@ def _to_ls_solution(L, k, idx, z, passive, excluded, y, rhs, it, max_iter):
         it += 1
         if it > max_iter:
             return k, it, 1
-        _solve_ones(L, k, rhs, y)
-        if _accept_or_step(y, z, idx, k):
+        chol_solve_rows(L, k, rhs, y)
+        if accept_or_step(y, z, idx, k):
             return k, it, 0
-        k = _drop_zeros(L, k, idx, z, passive, excluded)
+        k = drop_zeros(L, k, idx, z, passive, excluded)
     return k, it, 0
 
 
@@ -307,19 +232,14 @@ def scan_critical(A, At, d_from, d_to, z, passive, idx, L, kst, max_iter, block0
             for t in range(nb):
                 j = ent[t]
                 Aj = A[j]
-                Lk = L[k]
                 for q in range(k):
-                    grow[q] = 1.0 + _dot4(A[idx[q]], Aj, d)
-                gjj = 1.0 + _dot4(Aj, Aj, d)
-                for q in range(k):
-                    Lk[q] = (grow[q] - _dot4(L[q], Lk, q)) / L[q, q]
-                d2 = gjj - _dot4(Lk, Lk, k)
-                if not (d2 > _DEP_TOL * gjj and d2 > 0.0):
+                    grow[q] = 1.0 + dot_rows(A[idx[q]], Aj, d)
+                gjj = 1.0 + dot_rows(Aj, Aj, d)
+                if not chol_append_rows(L, k, grow, gjj):
                     excluded[j] = True
                     dep[ndep] = j
                     ndep += 1
                     continue
-                L[k, k] = np.sqrt(d2)
                 idx[k] = j
                 k += 1
                 passive[j] = True
@@ -331,7 +251,7 @@ def scan_critical(A, At, d_from, d_to, z, passive, idx, L, kst, max_iter, block0
                 if it > max_iter:
                     kst[0] = k
                     return d, 1
-                _solve_ones(L, k, rhs, y)
+                chol_solve_rows(L, k, rhs, y)
                 qmin = -1
                 ymin = 0.0
                 for q in range(k0, k):
@@ -348,7 +268,7 @@ def scan_critical(A, At, d_from, d_to, z, passive, idx, L, kst, max_iter, block0
                 for t in range(ndep):
                     excluded[dep[t]] = False
                 ndep = 0
-                _chol_delete(L, k, qmin)
+                chol_delete(L, k, qmin)
                 for t in range(qmin, k - 1):
                     idx[t] = idx[t + 1]
                 k -= 1
