@@ -53,15 +53,6 @@ METRICS: dict[str, MetricInfo] = {
     "K": _m("number of shared center directions removed", random=True),
     "empirical_capacity": _m("simulated capacity P / N_c by bisection", better="higher", random=True),
     "empirical_Nc": _m("critical projection dimension N_c of the simulated capacity", random=True),
-    # probes (paper 002)
-    "identity_corr": _m("correlation of the prediction with its input (per rho with rho=...)", better="neither"),
-    "identity_corr_std": _m("spread of identity_corr within a rho"),
-    "constant_corr": _m("correlation of the prediction with the training example (per rho)"),
-    "constant_corr_std": _m("spread of constant_corr within a rho"),
-    "n_undefined": _m("probes whose prediction had zero norm (correlation undefined)"),
-    "collapse_error": _m("error of the correlation-weighted averaging classifier on a layer", better="lower"),
-    "collapse_error_baseline": _m("the averaging classifier on the raw inputs", better="lower"),
-    "collapse_chance": _m("chance error 1 - 1/K of the collapse classifier"),
 }
 
 
@@ -76,7 +67,8 @@ def register(family: dict[str, MetricInfo]) -> dict[str, MetricInfo]:
 
 
 # Families that declare their own rows (each module calls register at import).
-_FAMILIES: tuple[str, ...] = ("spectral", "collapse", "linear_probe", "similarity", "scores", "glue")
+_FAMILIES: tuple[str, ...] = ("spectral", "collapse", "linear_probe", "similarity", "scores", "glue",
+                             "identity_probes", "layer_collapse")
 
 
 def _load_families() -> None:

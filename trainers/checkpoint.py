@@ -11,6 +11,7 @@ from torch import nn
 
 from geomprobe._validation import InputError
 from geomprobe.io import atomic_write_bytes
+from geomprobe.weights import relative_distance
 
 __all__ = [
     "save_checkpoint",
@@ -109,8 +110,11 @@ def relative_weight_distance(initial: dict[str, torch.Tensor], current: dict[str
         -> dict[str, float]:
     """||W_t - W_0|| / ||W_0|| (Frobenius) for every floating-point tensor (paper 002 appendix D).
 
-    Tensors whose initial norm is 0 (zero-initialised biases) give ||W_t|| (absolute distance) and are
-    reported under their name with suffix ' (abs)' so the change is never hidden or divided by zero.
+    The torch side of the core's formula: the two norms are reduced here (float64, on the CPU), the
+    ratio and its zero-norm rule are :func:`geomprobe.weights.relative_distance` (initial state
+    first, like :func:`geomprobe.weights.weight_distance`). Where the relative distance is undefined
+    (initial norm 0, e.g. a zero-initialised bias) the training log shows the absolute distance
+    ||W_t|| under the name with suffix ' (abs)', so the change is never hidden.
     """
     cur = current.state_dict() if isinstance(current, nn.Module) else current
     out: dict[str, float] = {}
@@ -119,11 +123,11 @@ def relative_weight_distance(initial: dict[str, torch.Tensor], current: dict[str
             continue
         w0d = w0.detach().double().cpu()
         diff = float(torch.linalg.vector_norm(cur[name].detach().double().cpu() - w0d))
-        n0 = float(torch.linalg.vector_norm(w0d))
-        if n0 > 0:
-            out[name] = diff / n0
-        else:
+        rel = relative_distance(diff, float(torch.linalg.vector_norm(w0d)))
+        if rel is None:
             out[name + " (abs)"] = diff
+        else:
+            out[name] = rel
     return out
 
 

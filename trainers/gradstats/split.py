@@ -1,5 +1,6 @@
-"""Label-dependent / label-independent gradient split (Stephenson et al. 2021, Claim 1), the
-normalised loss (Liao et al. 2018) and the relative weight distance from initialisation."""
+"""Label-dependent / label-independent gradient split (Stephenson et al. 2021, Claim 1), and the torch
+side of the normalised loss (Liao et al. 2018) and of the relative weight distance: these compute
+tensors (logits, norms) and call the formulas of :mod:`geomprobe.weights`."""
 from __future__ import annotations
 
 import math
@@ -189,14 +190,19 @@ def normalized_loss(
 ) -> dict[str, Any]:
     """Cross-entropy of f(x) / prod_k ||W_k||_F over the weight tensors of ``layers``.
 
+    The torch side of :func:`geomprobe.weights.normalized_loss` (one home of the formula): this runs
+    the model and takes the Frobenius norms, then hands the float64 logits and the norms to the core.
     ``layers`` are nn.Linear / nn.Conv2d submodules (names or objects; default all of them). Only for
     bias-free, positively homogeneous nets (ReLU / linear, no normalisation layers) is the result
     invariant to rescaling layers, i.e. equal to the loss of the net with every W_k / ||W_k||_F.
     ``has_bias`` in the result flags selected layers that carry a bias (then it is not invariant).
     Returns plain floats: loss, normalized_loss, norm_product, log_norm_product, accuracy,
-    layer_norms {name: ||W||_F}, has_bias. normalized_loss / norm_product / log_norm_product are None
-    when a selected weight is all zeros (norm_product also when it overflows float64).
+    layer_norms {name: ||W||_F}, has_bias. A selected weight that is all zeros, or a norm product
+    beyond float64, is an InputError (the normalised loss is undefined there), never None.
     """
+    from geomprobe.weights import log_norm_product
+    from geomprobe.weights import normalized_loss as core_normalized_loss
+
     n = _check_batch(x)
     targets = _select_modules(model, layers)
     if not targets:
@@ -211,17 +217,15 @@ def normalized_loss(
             raise InputError(f"y must be 1-D integer labels with {n} entries, got shape {tuple(y.shape)}")
         y = y.to(out.device).long()
         norms = {_prefix(name) + "weight": float(m.weight.detach().double().norm()) for name, m in targets}
-        log_rho = sum(math.log(v) if v > 0 else -math.inf for v in norms.values())
-        out64 = out.double()
-        loss = float(F.cross_entropy(out64, y))
-        nloss = float(F.cross_entropy(out64 * math.exp(-log_rho), y)) if math.isfinite(log_rho) else None
         acc = float((out.argmax(1) == y).double().mean())
+        logits = out.double().cpu().numpy()
+    log_rho = log_norm_product(norms)
+    res = core_normalized_loss(logits, y.cpu().numpy(), norms=list(norms.values()))
     return {
-        "loss": loss,
-        "normalized_loss": nloss,
-        # None where not a finite float (a zero weight tensor, or a product beyond float64)
-        "norm_product": math.exp(log_rho) if math.isfinite(log_rho) and log_rho < 709 else None,
-        "log_norm_product": log_rho if math.isfinite(log_rho) else None,
+        "loss": res.unnormalized_loss,
+        "normalized_loss": res.loss,
+        "norm_product": res.norm_product,
+        "log_norm_product": log_rho,
         "accuracy": acc,
         "layer_norms": norms,
         "has_bias": any(m.bias is not None for _, m in targets),
@@ -249,13 +253,22 @@ def relative_weight_distance(
     *,
     parameters_only: bool = True,
 ) -> dict[str, float | None]:
-    """||W_t - W_0||_F / ||W_0||_F per floating-point tensor (Identity Crisis, appendix D).
+    """Deprecated: use :func:`geomprobe.trainers.checkpoint.relative_weight_distance` (initial state
+    first, like :func:`geomprobe.weights.weight_distance`).
 
-    ``model_or_state``: an nn.Module (its parameters; with ``parameters_only=False`` its whole
-    state_dict) or a mapping name -> tensor/array; ``init_state``: the same at initialisation (a
-    state_dict or a module). Every tensor of the first must be in the second with the same shape.
-    A tensor whose initial norm is 0 (e.g. a zero-initialised bias) gets None, not a number.
+    ||W_t - W_0||_F / ||W_0||_F per floating-point tensor (Identity Crisis, appendix D) through the
+    core's :func:`geomprobe.weights.relative_distance` (one formula, one zero-norm rule: None where
+    ||W_0||_F = 0). ``model_or_state``: an nn.Module (its parameters; with ``parameters_only=False``
+    its whole state_dict) or a mapping name -> tensor/array; ``init_state``: the same at
+    initialisation. Every tensor of the first must be in the second with the same shape.
     """
+    import warnings
+
+    from geomprobe.weights import relative_distance
+
+    warnings.warn("gradstats.relative_weight_distance(current, init) is deprecated; use "
+                  "geomprobe.trainers.checkpoint.relative_weight_distance(initial, current)",
+                  DeprecationWarning, stacklevel=2)
     cur = _as_tensors(model_or_state, "model_or_state", parameters_only)
     init = _as_tensors(init_state, "init_state", False)
     out: dict[str, float | None] = {}
@@ -266,6 +279,5 @@ def relative_weight_distance(
         if tuple(w0.shape) != tuple(w.shape):
             raise InputError(f"tensor {k!r} has shape {tuple(w.shape)} but init_state has {tuple(w0.shape)}")
         w0 = w0.to(device=w.device, dtype=torch.float64)
-        base = float(w0.norm())
-        out[k] = float((w.double() - w0).norm()) / base if base > 0 else None
+        out[k] = relative_distance(float((w.double() - w0).norm()), float(w0.norm()))
     return out
