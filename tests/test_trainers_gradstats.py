@@ -526,14 +526,14 @@ def test_relative_weight_distance_errors():
         relative_weight_distance(a, [1, 2])
 
 
-def test_normalized_loss_zero_layer_gives_none(gen):
+def test_normalized_loss_zero_layer_is_an_input_error_naming_it(gen):
+    # the core's rule since issue 15 (geomprobe.weights): an all-zero layer is an InputError naming it
     model = relu_mlp()
     with torch.no_grad():
         model[2].weight.zero_()
     x = torch.randn(4, 12, generator=gen, dtype=torch.float64)
-    r = normalized_loss(model, x, torch.tensor([0, 1, 2, 3]))
-    assert r["normalized_loss"] is None and r["norm_product"] is None and r["log_norm_product"] is None
-    json.dumps(r, allow_nan=False)
+    with pytest.raises(InputError, match=r"2\.weight"):
+        normalized_loss(model, x, torch.tensor([0, 1, 2, 3]))
 
 
 # ------------------------------------------------------------------------------------------------
