@@ -170,3 +170,32 @@ def test_recorder_refuses_bad_options():
         ScoreRecorder(5, subsets=["a"])
     with pytest.raises(InputError, match="el2n_epoch must be an integer >= 1, got 0"):
         ScoreRecorder(5, el2n_epoch=0)
+
+
+def test_recorder_device_state_matches_the_core_formulas(rng):
+    """on_batch's scatter updates (no host sync) equal ForgettingState / aum_margin / el2n fed the same
+    presentations, also when batches repeat an example (repeat > 1 straddling a batch)."""
+    from geomprobe.trainers.scores import ScoreRecorder
+
+    n, k = 40, 4
+    rec = ScoreRecorder(n, el2n_epoch=2)
+    st, margin, el_sum, el_cnt = ForgettingState(n), np.zeros(n), np.zeros(n), np.zeros(n)
+    for epoch in (1, 2, 3):
+        order = np.concatenate([rng.permutation(n), rng.permutation(n)])  # two passes: repeats in a batch
+        for s in range(0, order.size, 16):
+            idx = order[s:s + 16]
+            z = rng.standard_normal((idx.size, k)) * 2
+            y = rng.integers(0, k, idx.size)
+            rec.on_batch(epoch, torch.as_tensor(idx), torch.as_tensor(z), torch.as_tensor(y))
+            st.update(idx, z.argmax(axis=1) == y)
+            np.add.at(margin, idx, aum_margin(z, y))
+            if epoch == 2:
+                np.add.at(el_sum, idx, el2n(z, y))
+                np.add.at(el_cnt, idx, 1)
+        rec.end_epoch(epoch, None)
+    assert np.any([np.unique(order[s:s + 16]).size < 16 for s in range(0, order.size, 16)])  # repeats occurred
+    for name in ("counts", "prev", "first", "presented"):
+        np.testing.assert_array_equal(getattr(rec.forget, name), getattr(st, name), err_msg=name)
+    np.testing.assert_allclose(rec.margin_sum, margin, rtol=1e-6, atol=1e-5)  # float32 logits
+    np.testing.assert_allclose(rec.el2n, el_sum / el_cnt, rtol=1e-6)
+    assert rec.forget.counts.sum() > 0 and np.all(rec.forget.presented == 6)
