@@ -290,6 +290,50 @@ def test_alignment_logging_calls_gradstats(tmp_path):
     assert -1 <= ratio[0]["rep_omega_in_class"]["act1"] <= 1
 
 
+def test_device_side_loss_reads_match_per_step_reads(tmp_path):
+    """sync_every > 1 (the CUDA default) reads the step losses in blocks: the history, the log and the
+    weights are bit for bit those of a read after every step (the CPU default)."""
+    x, y = _toy()
+    runs = []
+    for k, d in ((1, tmp_path / "a"), (7, tmp_path / "b")):
+        m = _mlp()
+        r = train(m, x, y, cfg=_cfg(epochs=3, batch_size=8), out=d, sync_every=k)
+        runs.append((r, m, [json.loads(s) for s in (d / "metrics.jsonl").read_text().splitlines()]))
+    (ra, ma, la), (rb, mb, lb) = runs
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "time"} for r in recs]  # noqa: E731
+    assert strip(la) == strip(lb) and len(la) == 4 and all(r["batch_loss"] > 0 for r in la[1:])
+    assert all(torch.equal(a, b) for a, b in zip(ma.parameters(), mb.parameters()))
+    from geomprobe.trainers.train import TrainingDiverged
+
+    # a divergence inside a block names the step of the first non-finite loss
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at step \d+ \(epoch 1\)"):
+        train(_mlp(), x * 1e30, y, cfg=_cfg(lr=1e10), sync_every=5)
+    with pytest.raises(InputError, match="sync_every must be an integer >= 1, got 0"):
+        train(_mlp(), x, y, cfg=_cfg(), sync_every=0)
+    with pytest.raises(InputError, match="align_route must be one of"):
+        train(_mlp(), x, y, cfg=_cfg(), align_route="vmap")
+
+
+def test_alignment_by_the_recorder_inside_the_step(tmp_path):
+    """align_route='recorder': the statistics come from the step's own backward; the update is the
+    plain one (weights equal to a run without statistics) and Omega matches the one-shot route."""
+    pytest.importorskip("geomprobe.trainers.gradstats")
+    x, y = _toy()
+    m_rec, m_off, m_one = _mlp(), _mlp(), _mlp()
+    train(m_rec, x, y, cfg=_cfg(epochs=1, align_every=2), out=tmp_path / "rec", align_route="recorder")
+    train(m_off, x, y, cfg=_cfg(epochs=1))
+    train(m_one, x, y, cfg=_cfg(epochs=1, align_every=2), out=tmp_path / "one")
+    assert all(torch.equal(a, b) for a, b in zip(m_rec.parameters(), m_off.parameters()))
+    read = lambda d: [json.loads(s) for s in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    rec = [r for r in read(tmp_path / "rec") if r["kind"] == "align"]
+    one = [r for r in read(tmp_path / "one") if r["kind"] == "align"]
+    assert [r["step"] for r in rec] == [r["step"] for r in one] == [0, 2]
+    for a, b in zip(rec, one):
+        for k in ("fc1.weight", "logits"):
+            assert a["stats"][k]["omega"] == pytest.approx(b["stats"][k]["omega"], rel=1e-4, abs=1e-6)
+            assert a["stats"][k]["omega_in_class"] == pytest.approx(b["stats"][k]["omega_in_class"], rel=1e-4, abs=1e-6)
+
+
 # -- checkpoints, weight distance, rewinding -----------------------------------------------------
 def test_weight_distance_and_atomic_checkpoint(tmp_path):
     m = M.build_model("fcn", (1, 2, 2), n_hidden=1, width=4, seed=0)

@@ -37,7 +37,8 @@ from geomprobe.io import atomic_write_text
 from .checkpoint import (OWN_CHECKPOINT, RESUME_KEYS, checkpoint_path, load_checkpoint, load_model_state,
                          relative_weight_distance, save_checkpoint)
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "make_loss", "evaluate", "resolve_device", "LOSSES"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "make_loss", "evaluate", "resolve_device", "LOSSES",
+           "ALIGN_ROUTES"]
 
 LOSSES = ("ce", "hinge", "squared", "mse")
 
@@ -142,7 +143,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, *, b
     model.eval()
     device = device or x.device
     per_ex = _per_example_loss(loss)
-    total, correct, n = 0.0, 0, int(x.shape[0])
+    n = int(x.shape[0])
+    # sums stay on the device (float64, added batch by batch as a host loop would) and are read once
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     try:
         for i in range(0, n, batch_size):
             xb = x[i:i + batch_size].to(device, non_blocking=True)
@@ -152,14 +156,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, *, b
             with _autocast(device, amp):
                 z = model(xb)
             z = z.float()
-            total += float(per_ex(z, yb).sum())
+            total += per_ex(z, yb).sum().double()
             if loss != "mse":
-                correct += int((z.argmax(1) == yb).sum())
+                correct += (z.argmax(1) == yb).sum()
     finally:
         model.train(was)
-    out = {"loss": total / max(n, 1)}
+    out = {"loss": float(total) / max(n, 1)}
     if loss != "mse":
-        out["acc"] = correct / max(n, 1)
+        out["acc"] = int(correct) / max(n, 1)
     return out
 
 
@@ -208,18 +212,28 @@ def _gradstats():
 
 
 def _grad_ratios(model: nn.Module) -> dict[str, float]:
-    """||grad W|| / ||W|| per weight tensor from the current .grad (paper 000 figure 2b)."""
-    out = {}
+    """||grad W|| / ||W|| per weight tensor from the current .grad (paper 000 figure 2b); the norms are
+    formed on the device and cross to the host in one transfer."""
+    names, norms = [], []
     for name, p in model.named_parameters():
         if p.grad is not None and p.ndim >= 2:
-            w = float(torch.linalg.vector_norm(p.detach().float()))
-            out[name] = float(torch.linalg.vector_norm(p.grad.detach().float())) / w if w > 0 else float("nan")
-    return out
+            names.append(name)
+            norms += [torch.linalg.vector_norm(p.detach().float()), torch.linalg.vector_norm(p.grad.detach().float())]
+    if not names:
+        return {}
+    host = torch.stack(norms).cpu().tolist()
+    return {k: host[2 * i + 1] / host[2 * i] if host[2 * i] > 0 else float("nan") for i, k in enumerate(names)}
 
 
 def _to_tensor(a: Any, dtype=None) -> torch.Tensor:
     t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
     return t.to(dtype) if dtype is not None else t
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop: train() reads top to bottom; each helper below does one job
+# --------------------------------------------------------------------------------------------------
+ALIGN_ROUTES = ("oneshot", "recorder")
 
 
 def train(
@@ -238,6 +252,8 @@ def train(
     run_info: Mapping[str, Any] | None = None,
     if_done: str = "raise",
     scores: Any = None,
+    sync_every: int | None = None,
+    align_route: str = "oneshot",
 ) -> TrainResult:
     """Train ``model`` in place; see the module docstring. ``y`` are class indices (or targets for 'mse').
 
@@ -248,217 +264,354 @@ def train(
     refusing; the model is loaded with its final weights. ``scores``: a
     :class:`geomprobe.trainers.scores.ScoreRecorder` (per-example forgetting, EL2N, AUM, gradient norms;
     written to ``out/scores.csv`` when training ends; classification losses only).
+    ``sync_every``: the step losses stay on the device and are read (divergence check, running loss,
+    progress bar) every this many steps and at the end of each epoch (default: 1 on the CPU, where a
+    read costs nothing, 50 on CUDA; a divergence is then reported up to that many steps late).
+    ``align_route``: how the ``align_every`` statistics are taken: ``'oneshot'`` (default;
+    ``gradstats.gradient_stats`` before the step, its own forward and backward in eval mode) or
+    ``'recorder'`` (``gradstats.recorder`` inside the step's own backward, in the step's mode; models
+    with BatchNorm in train mode fall back to the one-shot route).
     """
     check_choice(if_done, "if_done", ("raise", "return"))
+    check_choice(align_route, "align_route", ALIGN_ROUTES)
     device = resolve_device(cfg.device)
-    regression = cfg.loss == "mse"
-    xdtype = torch.float32
-    X = _to_tensor(x_train, xdtype)
-    Y = _to_tensor(y_train, xdtype if regression else torch.int64)
-    if X.shape[0] != Y.shape[0] or X.shape[0] == 0:
-        raise InputError(f"y_train has {Y.shape[0]} entries but x_train has {X.shape[0]} rows")
-    sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {"train": (X, Y)}
-    if x_test is not None and len(x_test):
-        sets["test"] = (_to_tensor(x_test, xdtype), _to_tensor(y_test, xdtype if regression else torch.int64))
-    for k, (xs, ys) in (eval_sets or {}).items():
-        if len(xs):
-            sets[k] = (_to_tensor(xs, xdtype), _to_tensor(ys, xdtype if regression else torch.int64))
-    # small datasets live on the accelerator; larger ones are moved batch by batch from pinned memory
-    nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in sets.values())
-    if device.type == "cuda":
-        if nbytes < 2**31:
-            sets = {k: (a.to(device), b.to(device)) for k, (a, b) in sets.items()}
-        else:
-            sets = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in sets.items()}
+    sync_every = _sync_every(sync_every, device)
+    sets = _place_sets(_as_sets(x_train, y_train, x_test, y_test, eval_sets, cfg.loss), device)
     X, Y = sets["train"]
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    opt = _make_optimizer(model, cfg)
+    run = _Run(cfg, model, opt, sets, device, out, {"train": asdict(cfg), "run": _jsonable(dict(run_info or {}))},
+               on_epoch)
+    stored = _open_run(run, force, if_done, scores)
+    if stored is not None:
+        return stored
+    step_fn = _Step(run, scores, align_route)
+    stopped = None
+    with _deterministic(cfg, device), _rng(cfg, device, run.resume_rng):
+        if run.resumed is None:
+            _start(run)
+        for epoch in range(run.start_epoch, cfg.epochs + 1):
+            stopped = _should_stop(cfg, run.history, run.step)
+            if stopped:
+                break
+            lr = _set_lr(opt, cfg, epoch)
+            t0 = time.perf_counter()
+            model.train()
+            order = _epoch_order(cfg, epoch, X.shape[0], X.device)
+            bar = _progress(cfg, math.ceil(X.shape[0] * cfg.repeat / cfg.batch_size), f"epoch {epoch}/{cfg.epochs}")
+            meter, aligns = _LossMeter(sync_every, bar, epoch, lr), []
+            for i in range(0, order.numel(), cfg.batch_size):
+                if cfg.max_steps and run.step >= cfg.max_steps:
+                    break
+                step_fn(order[i:i + cfg.batch_size], epoch, meter, aligns)
+                if on_step:
+                    on_step(run.step, model)
+            batch_loss = meter.close()
+            for rec in aligns:
+                _append(run.log_path, rec)
+            _log_epoch(run, epoch, {"time": time.perf_counter() - t0, "batch_loss": batch_loss})
+            if scores is not None:
+                scores.end_epoch(epoch, run.out_path)
+            run.done = bool(_should_stop(cfg, run.history, run.step)) or epoch == cfg.epochs
+            _save_epoch(run, epoch)
+            if run.done:
+                stopped = _should_stop(cfg, run.history, run.step) or "epochs"
+                break
+        if run.out_path and not run.done:  # loop ended without a final mark (stopped early at resume)
+            run.done = True
+            save_checkpoint(run.last, _state(run, run.history[-1]["epoch"]))
+        if scores is not None and cfg.loss != "mse":
+            scores.finish(model, X, Y, run.out_path, loss=cfg.loss, device=device)
+    _write_summary(run, stopped)
+    return TrainResult(run.history, run.best_epoch, run.history[-1]["epoch"], run.step, run.out_path, run.resumed)
+
+
+class _Run:
+    """The mutable state of one training run (what a checkpoint stores) and where it is written."""
+
+    def __init__(self, cfg, model, opt, sets, device, out, config, on_epoch):
+        self.cfg, self.model, self.opt, self.sets, self.device = cfg, model, opt, sets, device
+        self.config, self.on_epoch = config, on_epoch
+        self.out_path = Path(out) if out is not None else None
+        self.log_path = self.out_path / "metrics.jsonl" if self.out_path else None
+        self.last = checkpoint_path(self.out_path, "last") if self.out_path else None
+        self.history: list[dict] = []
+        self.start_epoch, self.step, self.best_epoch, self.best_acc = 1, 0, 0, -math.inf
+        self.resumed: int | None = None
+        self.resume_rng = None
+        self.done = False
+        self.init_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+
+
+def _sync_every(sync_every: int | None, device: torch.device) -> int:
+    if sync_every is None:
+        return 1 if device.type == "cpu" else 50
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise InputError(f"sync_every must be an integer >= 1, got {sync_every!r}")
+    return sync_every
+
+
+def _as_sets(x_train, y_train, x_test, y_test, eval_sets, loss: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{'train', 'test'?, extra names: (x float32, y int64 | float32 for 'mse')} as CPU tensors."""
+    ydtype = torch.float32 if loss == "mse" else torch.int64
+    X, Y = _to_tensor(x_train, torch.float32), _to_tensor(y_train, ydtype)
+    if X.shape[0] != Y.shape[0] or X.shape[0] == 0:
+        raise InputError(f"y_train has {Y.shape[0]} entries but x_train has {X.shape[0]} rows")
+    sets = {"train": (X, Y)}
+    if x_test is not None and len(x_test):
+        sets["test"] = (_to_tensor(x_test, torch.float32), _to_tensor(y_test, ydtype))
+    for k, (xs, ys) in (eval_sets or {}).items():
+        if len(xs):
+            sets[k] = (_to_tensor(xs, torch.float32), _to_tensor(ys, ydtype))
+    return sets
+
+
+def _place_sets(sets: dict, device: torch.device) -> dict:
+    """On CUDA, datasets that fit (at most half of the free device memory and 2 GiB) move there once;
+    larger ones stay in pinned host memory and move batch by batch."""
+    if device.type != "cuda":
+        return sets
+    nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in sets.values())
+    free = torch.cuda.mem_get_info(device)[0]
+    if nbytes < min(2**31, free // 2):
+        return {k: (a.to(device), b.to(device)) for k, (a, b) in sets.items()}
+    return {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in sets.items()}
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = make_loss(cfg.loss)
-    per_ex_loss = _per_example_loss(cfg.loss)
-    gs = _gradstats() if cfg.align_every else None
-    config = {"train": asdict(cfg), "run": _jsonable(dict(run_info or {}))}
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    out_path = Path(out) if out is not None else None
-    log_path = out_path / "metrics.jsonl" if out_path else None
-    history: list[dict] = []
-    start_epoch, step, best_epoch, best_acc, resumed = 1, 0, 0, -math.inf, None
-    init_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
-    resume_rng = None
-    last = checkpoint_path(out_path, "last") if out_path else None
-    if out_path:
-        out_path.mkdir(parents=True, exist_ok=True)
-        if last.exists() and not force:
-            ck = load_checkpoint(last, keys=RESUME_KEYS)
-            if ck.get("done") and if_done == "return" and _comparable(ck.get("config", {})) == _comparable(config):
-                load_model_state(model, ck["model"], last)
-                return TrainResult(list(ck["history"]), int(ck["best_epoch"]), int(ck["epoch"]), int(ck["step"]),
-                                   out_path, int(ck["epoch"]))
-            if ck.get("done"):
-                raise InputError(f"{out_path}: holds a finished run (checkpoints/last.pt, done); pass force=True "
-                                 "(CLI: --force) to train again")
-            if _comparable(ck.get("config", {})) != _comparable(config):
-                raise InputError(f"{out_path}: holds an unfinished run with a different configuration; pass "
-                                 "force=True (CLI: --force) to start over or use another --out")
-            load_model_state(model, ck["model"], last)
-            try:
-                opt.load_state_dict(ck["optimizer"])
-            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-                raise InputError(f"{last}: its optimizer state does not fit this run's model "
-                                 f"({type(exc).__name__}: {exc}); pass force=True (CLI: --force) to start over") from None
-            resume_rng = (ck["rng_cpu"], ck.get("rng_cuda"))
-            init_state = load_checkpoint(checkpoint_path(out_path, 0), keys=("model",))["model"]
-            history = list(ck["history"])
-            start_epoch, step = int(ck["epoch"]) + 1, int(ck["step"])
-            best_epoch, best_acc = int(ck["best_epoch"]), float(ck["best_acc"])
-            resumed = int(ck["epoch"])
-            if scores is not None:
-                scores.resume(out_path, resumed)
-            _truncate_log(log_path, resumed)
-        else:
-            if log_path.exists():
-                log_path.unlink()
-            for stale in (out_path / "checkpoints").glob("*.pt") if (out_path / "checkpoints").is_dir() else []:
-                if OWN_CHECKPOINT.match(stale.name):  # only the names train() writes: never a user's file
-                    stale.unlink()
 
-    prev_det = torch.are_deterministic_algorithms_enabled()
+def _open_run(run: _Run, force: bool, if_done: str, scores) -> TrainResult | None:
+    """Prepare ``out``: resume an unfinished run with the same config, return a finished one
+    (``if_done='return'``), refuse the rest; or clear train()'s own files of an old run."""
+    if not run.out_path:
+        return None
+    run.out_path.mkdir(parents=True, exist_ok=True)
+    if not run.last.exists() or force:
+        if run.log_path.exists():
+            run.log_path.unlink()
+        ckdir = run.out_path / "checkpoints"
+        for stale in ckdir.glob("*.pt") if ckdir.is_dir() else []:
+            if OWN_CHECKPOINT.match(stale.name):  # only the names train() writes: never a user's file
+                stale.unlink()
+        return None
+    ck = load_checkpoint(run.last, keys=RESUME_KEYS)
+    same = _comparable(ck.get("config", {})) == _comparable(run.config)
+    if ck.get("done") and if_done == "return" and same:
+        load_model_state(run.model, ck["model"], run.last)
+        return TrainResult(list(ck["history"]), int(ck["best_epoch"]), int(ck["epoch"]), int(ck["step"]),
+                           run.out_path, int(ck["epoch"]))
+    if ck.get("done"):
+        raise InputError(f"{run.out_path}: holds a finished run (checkpoints/last.pt, done); pass force=True "
+                         "(CLI: --force) to train again")
+    if not same:
+        raise InputError(f"{run.out_path}: holds an unfinished run with a different configuration; pass "
+                         "force=True (CLI: --force) to start over or use another --out")
+    load_model_state(run.model, ck["model"], run.last)
+    try:
+        run.opt.load_state_dict(ck["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise InputError(f"{run.last}: its optimizer state does not fit this run's model "
+                         f"({type(exc).__name__}: {exc}); pass force=True (CLI: --force) to start over") from None
+    run.resume_rng = (ck["rng_cpu"], ck.get("rng_cuda"))
+    run.init_state = load_checkpoint(checkpoint_path(run.out_path, 0), keys=("model",))["model"]
+    run.history = list(ck["history"])
+    run.start_epoch, run.step = int(ck["epoch"]) + 1, int(ck["step"])
+    run.best_epoch, run.best_acc = int(ck["best_epoch"]), float(ck["best_acc"])
+    run.resumed = int(ck["epoch"])
+    if scores is not None:
+        scores.resume(run.out_path, run.resumed)
+    _truncate_log(run.log_path, run.resumed)
+    return None
+
+
+@contextlib.contextmanager
+def _deterministic(cfg: TrainConfig, device: torch.device):
+    prev = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic and device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    rng_guard = torch.random.fork_rng(devices=cuda_devices)
-    stopped = None
     try:
-        with rng_guard:
-            if resume_rng is None:
-                torch.manual_seed(cfg.seed)
-            else:
-                torch.set_rng_state(resume_rng[0])
-                if device.type == "cuda" and resume_rng[1] is not None:
-                    torch.cuda.set_rng_state(resume_rng[1])
-            state = {"done": False}
-
-            def log_epoch(epoch: int, extra: dict) -> dict:
-                nonlocal best_epoch, best_acc
-                rec = {"kind": "epoch", "epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"]}
-                for name, (xs, ys) in sets.items():
-                    for k, v in evaluate(model, xs, ys, cfg.loss, batch_size=cfg.eval_batch_size, device=device,
-                                         amp=cfg.amp, channels_last=cfg.channels_last).items():
-                        rec[f"{name}_{k}"] = v
-                rec["weight_distance"] = relative_weight_distance(init_state, model)
-                rec.update(extra)
-                rec = _jsonable(rec)
-                history.append(rec)
-                score = rec.get("test_acc", rec.get("train_acc"))
-                if score is not None and score > best_acc:
-                    best_acc, best_epoch = score, epoch
-                    if out_path:
-                        save_checkpoint(checkpoint_path(out_path, "best"), _state(epoch, True))
-                _append(log_path, rec)
-                if on_epoch:
-                    on_epoch(epoch, model, rec)
-                return rec
-
-            def _state(epoch: int, _unused: bool = False) -> dict:
-                return {
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizer": opt.state_dict(), "config": config, "epoch": epoch, "step": step,
-                    "rng_cpu": torch.get_rng_state(),
-                    "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                    "history": history, "best_epoch": best_epoch, "best_acc": best_acc, "done": state["done"],
-                }
-
-            if resumed is None:
-                if out_path:
-                    save_checkpoint(checkpoint_path(out_path, 0), _state(0))
-                log_epoch(0, {"time": 0.0})
-                if out_path:
-                    save_checkpoint(last, _state(0))
-            n = X.shape[0]
-            steps_per_epoch = math.ceil(n * cfg.repeat / cfg.batch_size)
-            milestones = sorted(int(m) for m in cfg.lr_milestones)
-            for epoch in range(start_epoch, cfg.epochs + 1):
-                if _should_stop(cfg, history, step):
-                    stopped = _should_stop(cfg, history, step)
-                    break
-                lr = cfg.lr * cfg.lr_gamma ** sum(1 for m in milestones if epoch > m)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                t0 = time.perf_counter()
-                model.train()
-                gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
-                order = torch.cat([torch.randperm(n, generator=gen) for _ in range(cfg.repeat)]).to(X.device)
-                bar = _progress(cfg, steps_per_epoch, f"epoch {epoch}/{cfg.epochs}")
-                run_loss, seen, aligns = 0.0, 0, []
-                for i in range(0, order.numel(), cfg.batch_size):
-                    if cfg.max_steps and step >= cfg.max_steps:
-                        break
-                    idx = order[i:i + cfg.batch_size]
-                    xb = X[idx].to(device, non_blocking=True)
-                    yb = Y[idx].to(device, non_blocking=True)
-                    if cfg.channels_last and xb.ndim == 4:
-                        xb = xb.contiguous(memory_format=torch.channels_last)
-                    if gs is not None and not regression and step % cfg.align_every == 0:
-                        aligns.append(_align_record(gs, model, xb, yb, per_ex_loss, step, epoch))
-                    with _autocast(device, cfg.amp):
-                        z = model(xb)
-                    loss = loss_fn(z.float(), yb)
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(f"training diverged: loss is {float(loss.detach())} at step {step} (epoch {epoch}); "
-                                         f"lower lr (now {lr})")
-                    if scores is not None and not regression:
-                        scores.on_batch(epoch, idx, z, yb)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.align_every and step % cfg.align_every == 0:
-                        ratio = {"kind": "grad_ratio", "epoch": epoch, "step": step, "grad_over_weight": _grad_ratios(model)}
-                        if not regression:
-                            ratio["rep_omega_in_class"] = _rep_alignment(model, xb, yb)
-                        aligns.append(_jsonable(ratio))
-                    opt.step()
-                    step += 1
-                    run_loss += float(loss.detach()) * idx.numel()
-                    seen += idx.numel()
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{run_loss / seen:.4f}")
-                    if on_step:
-                        on_step(step, model)
-                if bar is not None:
-                    bar.close()
-                for rec in aligns:
-                    _append(log_path, rec)
-                log_epoch(epoch, {"time": time.perf_counter() - t0, "batch_loss": run_loss / max(seen, 1)})
-                if scores is not None:
-                    scores.end_epoch(epoch, out_path)
-                done_now = bool(_should_stop(cfg, history, step)) or epoch == cfg.epochs
-                state["done"] = done_now
-                if out_path:
-                    if cfg.keep_every and epoch % cfg.keep_every == 0:
-                        save_checkpoint(checkpoint_path(out_path, epoch), _state(epoch))
-                    save_checkpoint(last, _state(epoch))
-                if done_now:
-                    stopped = _should_stop(cfg, history, step) or "epochs"
-                    break
-            if out_path and not state["done"]:  # loop ended without a final mark (stopped early at resume)
-                state["done"] = True
-                save_checkpoint(last, _state(history[-1]["epoch"]))
-            if scores is not None and not regression:
-                scores.finish(model, X, Y, out_path, loss=cfg.loss, device=device)
+        yield
     finally:
-        torch.use_deterministic_algorithms(prev_det)
-    final_epoch = history[-1]["epoch"]
-    if out_path:
-        summary = {"best_epoch": best_epoch, "final_epoch": final_epoch, "steps": step, "stopped": stopped,
-                   "config": config, "final": history[-1], "best": history[best_epoch] if best_epoch < len(history) else None}
-        atomic_write_text(out_path / "train_summary.json", json.dumps(_jsonable(summary), indent=1))
-    return TrainResult(history, best_epoch, final_epoch, step, out_path, resumed)
+        torch.use_deterministic_algorithms(prev)
+
+
+@contextlib.contextmanager
+def _rng(cfg: TrainConfig, device: torch.device, resume_rng):
+    """The run's own RNG streams (seeded, or restored at resume); the caller's are restored after."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        if resume_rng is None:
+            torch.manual_seed(cfg.seed)
+        else:
+            torch.set_rng_state(resume_rng[0])
+            if device.type == "cuda" and resume_rng[1] is not None:
+                torch.cuda.set_rng_state(resume_rng[1])
+        yield
+
+
+def _start(run: _Run) -> None:
+    """Epoch 0: the initial weights (epoch_0000.pt), their evaluation, last.pt."""
+    if run.out_path:
+        save_checkpoint(checkpoint_path(run.out_path, 0), _state(run, 0))
+    _log_epoch(run, 0, {"time": 0.0})
+    if run.out_path:
+        save_checkpoint(run.last, _state(run, 0))
+
+
+def _set_lr(opt: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> float:
+    lr = cfg.lr * cfg.lr_gamma ** sum(1 for m in cfg.lr_milestones if epoch > int(m))
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def _epoch_order(cfg: TrainConfig, epoch: int, n: int, device: torch.device) -> torch.Tensor:
+    """The epoch's example order: ``repeat`` permutations from a generator seeded by (seed, epoch)."""
+    gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
+    return torch.cat([torch.randperm(n, generator=gen) for _ in range(cfg.repeat)]).to(device)
+
+
+class _LossMeter:
+    """Step losses kept on the device and read every ``sync_every`` steps: divergence check, running
+    mean loss of the epoch (summed in float64 in step order, as a per-step read would), progress bar."""
+
+    def __init__(self, sync_every: int, bar, epoch: int, lr: float):
+        self.sync_every, self.bar, self.epoch, self.lr = sync_every, bar, epoch, lr
+        self.pending: list[tuple[torch.Tensor, int, int]] = []
+        self.total, self.seen = 0.0, 0
+
+    def add(self, loss: torch.Tensor, m: int, step: int) -> None:
+        self.pending.append((loss.detach(), m, step))
+        if len(self.pending) >= self.sync_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack([v for v, _, _ in self.pending]).cpu().tolist()  # the one read
+        for v, (_, m, step) in zip(values, self.pending):
+            if not math.isfinite(v):
+                raise TrainingDiverged(f"training diverged: loss is {v} at step {step} (epoch {self.epoch}); "
+                                       f"lower lr (now {self.lr})")
+            self.total += v * m
+            self.seen += m
+        if self.bar is not None:
+            self.bar.update(len(self.pending))
+            self.bar.set_postfix(loss=f"{self.total / self.seen:.4f}")
+        self.pending = []
+
+    def close(self) -> float:
+        self.flush()
+        if self.bar is not None:
+            self.bar.close()
+        return self.total / max(self.seen, 1)
+
+
+class _Step:
+    """One optimizer step on the examples ``idx`` (plus, every ``align_every`` steps, the gradient
+    statistics records appended to ``aligns``)."""
+
+    def __init__(self, run: _Run, scores, align_route: str):
+        self.run, self.scores, self.route = run, scores, align_route
+        cfg = run.cfg
+        self.loss_fn, self.per_ex = make_loss(cfg.loss), _per_example_loss(cfg.loss)
+        self.regression = cfg.loss == "mse"
+        self.gs = _gradstats() if cfg.align_every else None
+
+    def __call__(self, idx: torch.Tensor, epoch: int, meter: _LossMeter, aligns: list) -> None:
+        run, cfg, model = self.run, self.run.cfg, self.run.model
+        X, Y = run.sets["train"]
+        xb = X[idx].to(run.device, non_blocking=True)
+        yb = Y[idx].to(run.device, non_blocking=True)
+        if cfg.channels_last and xb.ndim == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        stats_now = bool(cfg.align_every) and run.step % cfg.align_every == 0
+        rec = None
+        if stats_now and self.gs is not None and not self.regression:
+            if self.route == "recorder" and not _coupled(model):
+                rec = self.gs.recorder(model, labels=yb)
+            else:
+                aligns.append(_align_record(self.gs, model, xb, yb, self.per_ex, run.step, epoch))
+        with rec if rec is not None else contextlib.nullcontext():
+            with _autocast(run.device, cfg.amp):
+                z = model(xb)
+            loss = self.loss_fn(z.float(), yb)
+            meter.add(loss, idx.numel(), run.step)
+            if self.scores is not None and not self.regression:
+                self.scores.on_batch(epoch, idx, z, yb)
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+        if rec is not None:
+            aligns.append(_jsonable({"kind": "align", "epoch": epoch, "step": run.step, "stats": rec.stats()}))
+        if stats_now:
+            ratio = {"kind": "grad_ratio", "epoch": epoch, "step": run.step, "grad_over_weight": _grad_ratios(model)}
+            if not self.regression:
+                ratio["rep_omega_in_class"] = _rep_alignment(model, xb, yb)
+            aligns.append(_jsonable(ratio))
+        run.opt.step()
+        run.step += 1
+
+
+def _coupled(model: nn.Module) -> bool:
+    from .gradstats.rules import coupling_batchnorms
+
+    return bool(coupling_batchnorms(model))
+
+
+def _log_epoch(run: _Run, epoch: int, extra: dict) -> dict:
+    """Evaluate every set, append the epoch's record to the history and the log, keep best.pt."""
+    cfg = run.cfg
+    rec = {"kind": "epoch", "epoch": epoch, "step": run.step, "lr": run.opt.param_groups[0]["lr"]}
+    for name, (xs, ys) in run.sets.items():
+        for k, v in evaluate(run.model, xs, ys, cfg.loss, batch_size=cfg.eval_batch_size, device=run.device,
+                             amp=cfg.amp, channels_last=cfg.channels_last).items():
+            rec[f"{name}_{k}"] = v
+    rec["weight_distance"] = relative_weight_distance(run.init_state, run.model)
+    rec.update(extra)
+    rec = _jsonable(rec)
+    run.history.append(rec)
+    score = rec.get("test_acc", rec.get("train_acc"))
+    if score is not None and score > run.best_acc:
+        run.best_acc, run.best_epoch = score, epoch
+        if run.out_path:
+            save_checkpoint(checkpoint_path(run.out_path, "best"), _state(run, epoch))
+    _append(run.log_path, rec)
+    if run.on_epoch:
+        run.on_epoch(epoch, run.model, rec)
+    return rec
+
+
+def _state(run: _Run, epoch: int) -> dict:
+    return {
+        "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+        "optimizer": run.opt.state_dict(), "config": run.config, "epoch": epoch, "step": run.step,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None,
+        "history": run.history, "best_epoch": run.best_epoch, "best_acc": run.best_acc, "done": run.done,
+    }
+
+
+def _save_epoch(run: _Run, epoch: int) -> None:
+    if run.out_path:
+        if run.cfg.keep_every and epoch % run.cfg.keep_every == 0:
+            save_checkpoint(checkpoint_path(run.out_path, epoch), _state(run, epoch))
+        save_checkpoint(run.last, _state(run, epoch))
+
+
+def _write_summary(run: _Run, stopped: str | None) -> None:
+    if not run.out_path:
+        return
+    h = run.history
+    summary = {"best_epoch": run.best_epoch, "final_epoch": h[-1]["epoch"], "steps": run.step, "stopped": stopped,
+               "config": run.config, "final": h[-1], "best": h[run.best_epoch] if run.best_epoch < len(h) else None}
+    atomic_write_text(run.out_path / "train_summary.json", json.dumps(_jsonable(summary), indent=1))
 
 
 def _align_record(gs, model, xb, yb, loss_fn, step, epoch) -> dict:
