@@ -158,6 +158,15 @@ def test_small_memory_budget_chunks_give_same_result(gen):
     assert_same(gradient_stats(model, x, y, memory_budget=50), gradient_stats_oracle(model, x, y))
 
 
+@pytest.mark.parametrize("per_chunk", [1, 2, 3, 5])
+def test_class_sorted_chunks_carry_classes_across_boundaries(per_chunk, gen):
+    # a budget for `per_chunk` per-example gradients of the widest conv weight: the per-class sums of all
+    # classes do not fit, so examples go in class-sorted chunks whose boundaries cut classes
+    model, x, y = make("wide_conv", gen)
+    d = max(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert_same(gradient_stats(model, x, y, memory_budget=3 * d * per_chunk), gradient_stats_oracle(model, x, y))
+
+
 @pytest.mark.parametrize("T,p,q", [(1, 6, 4), (9, 2, 3), (4, 30, 40)])  # T=1, explicit, Gram form
 def test_sq_norms_both_forms(T, p, q, gen):
     D = torch.randn(7, T, p, generator=gen, dtype=torch.float64)

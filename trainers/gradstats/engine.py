@@ -18,6 +18,7 @@ float64: small vectors only); the host sees one transfer per step.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 from collections.abc import Iterable
@@ -400,6 +401,11 @@ class ClassLayout:
             self._present = (remap[self.codes], present)
         return self._present
 
+    def present_starts(self) -> list[int]:
+        """Host list: where each class present in the batch begins in the class-sorted order."""
+        _, bounds = self.segments()
+        return [a for a, b in bounds if b > a]
+
     def padded(self):
         """((K, m_max) example indices per class, padded with n; m_max)."""
         if not hasattr(self, "_padded"):
@@ -577,19 +583,32 @@ def fused_factor_sums(blk: Factors, lay: ClassLayout, budget: int):
         cls = torch.zeros(lay.K, 2, dtype=D.dtype, device=D.device)
         cls[torch.as_tensor(present, device=D.device)] = _sqsum(acc, 2)
         return sq, cls, _sqsum(acc.sum(0), 1)
-    order, bounds = lay.segments()
-    cls = torch.zeros(lay.K, 2, dtype=D.dtype, device=D.device)
+    # the per-class sums of all classes do not fit: class-sorted chunks of examples (n / step grouped
+    # products in all, not one per class); a class cut by a chunk boundary carries its partial sums over
+    order, _ = lay.segments()
+    starts = lay.present_starts()  # host list: sorted position where each present class begins
+    sorted_compact = compact[order]
+    cls_p = torch.zeros(Kp, 2, dtype=D.dtype, device=D.device)
     total = torch.zeros(2, d, dtype=D.dtype, device=D.device)
-    step = max(1, budget // max(1, d))
-    for k, (a, b) in enumerate(bounds):
-        if b == a:
-            continue
-        acc = torch.zeros(2, d, dtype=D.dtype, device=D.device)
-        for s in range(a, b, step):
-            Gc, w = grads(order[s:min(b, s + step)])
-            acc += torch.stack([torch.ones_like(w), w]) @ Gc
-        cls[k] = _sqsum(acc, 1)
-        total += acc
+    carry = None
+    step = max(1, budget // max(1, 3 * d))
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        Gc, w = grads(order[s:e])
+        k0, k1 = bisect.bisect_right(starts, s) - 1, bisect.bisect_right(starts, e - 1) - 1
+        kc = k1 - k0 + 1
+        loc = sorted_compact[s:e] - k0
+        acc = torch.zeros(2, kc, d, dtype=D.dtype, device=D.device)
+        acc[0].index_add_(0, loc, Gc)
+        acc[1].index_add_(0, loc, Gc.mul_(w[:, None]))
+        total += acc.sum(1)
+        if carry is not None:
+            acc[:, 0] += carry
+        done = kc if e == (starts[k1 + 1] if k1 + 1 < Kp else n) else kc - 1
+        cls_p[k0:k0 + done] = _sqsum(acc[:, :done], 2).T
+        carry = acc[:, kc - 1].clone() if done < kc else None
+    cls = torch.zeros(lay.K, 2, dtype=D.dtype, device=D.device)
+    cls[torch.as_tensor(present, device=D.device)] = cls_p
     return sq, cls, _sqsum(total, 1)
 
 
