@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check of the per-example gradient statistics (issue 17), in one script (< 5 min on an
 # H100 / H200): editable install, the gpu-marked tests, the CUDA benchmark side by side (plain step,
-# step + recorder, one-shot gradient_stats, vmap route) and a profile of the recorder step.
+# step + recorder, one-shot gradient_stats, vmap route), the training-loop benchmark (train() vs a bare
+# loop, bench_train_loop.py) and a profile of the recorder step.
 #
 #   bash bench/gpu_check.sh            # from the repository root, on a machine with CUDA
 #
@@ -31,6 +32,11 @@ timeout 180 python bench/bench_gradstats.py --device cuda --models mlp,convnet3,
 log "benchmark: the transformer row of the issue (4 layers, d_model 256, sequence 128, batch 64)"
 timeout 60 python bench/bench_gradstats.py --device cuda --models transformer --batch 64 --repeats 5 \
     2>&1 | tee "$OUT/bench_transformer_b64.md"
+
+log "training loops: each experiment's train() vs a bare PyTorch loop (off / recorder every step), then bf16 autocast"
+timeout 90 python bench/bench_train_loop.py --device cuda --steps 30 2>&1 | tee "$OUT/bench_train_loop_cuda.md"
+timeout 60 python bench/bench_train_loop.py --device cuda --steps 30 --amp --experiments e1,e4 2>&1 \
+    | tee "$OUT/bench_train_loop_cuda_amp.md"
 
 log "profile of the recorder step (alexnet, batch 256): where the time goes"
 timeout 60 python bench/bench_gradstats.py --device cuda --models alexnet --batch 256 --repeats 1 --skip-vmap \
