@@ -9,6 +9,7 @@ from geomprobe._validation import InputError
 from geomprobe.analysis import AnalyzeOptions, analyze
 
 from ._common import Progress, print_notes, summary_table, table_legend
+from .cluster import add_cluster_options, runner_from_args
 
 DEFAULT_OUTDIR = "geomprobe-results"
 PROG = "geomprobe analyze"
@@ -77,16 +78,8 @@ def add_parser(sub) -> None:
                     help="skip the all-pairs gradient measures (sign stiffness, confusion)")
     g2.add_argument("--drop-nonfinite", action="store_true",
                     help="exclude rows holding NaN/Inf (reported) instead of refusing the file")
-    _add_distributed_options(p)
+    add_cluster_options(p)
     p.set_defaults(run=run)
-
-
-def _add_distributed_options(p) -> None:
-    try:
-        from geomprobe.distributed import add_cli_options
-    except ModuleNotFoundError:
-        return
-    add_cli_options(p)
 
 
 def _check_int(value: int, flag: str, minimum: int, note: str = "") -> None:
@@ -136,11 +129,7 @@ def resume_summary(report, outdir) -> str:
 
 def run(args) -> int:
     options = options_from_args(args)
-    runner = None
-    if hasattr(args, "scheduler"):  # runner_from_args returns None when no cluster/stream option is given
-        from geomprobe.distributed import runner_from_args
-
-        runner = runner_from_args(args)
+    runner = runner_from_args(args)  # None (the serial runner) when no cluster/stream option is given
     with Progress(PROG, quiet=args.quiet) as prog:
         report = analyze(args.files, options, outdir=args.outdir, force=args.force, resume=args.resume,
                          runner=runner, progress=lambda r: prog.done(r.task.where),

@@ -13,21 +13,10 @@ import sys
 from geomprobe import __version__
 from geomprobe._validation import AnalysisError, InputError
 
-from . import analyze, demo
+from . import analyze, demo, plot, report, train
 
-_COMMANDS = [analyze, demo]
-
-
-def _optional_commands():
-    """Subcommands whose modules import heavy packages only when run (train, report)."""
-    mods = []
-    for name in ("train", "report", "plot"):
-        try:
-            mods.append(__import__(f"geomprobe.cli.{name}", fromlist=[name]))
-        except ModuleNotFoundError as exc:
-            if exc.name != f"geomprobe.cli.{name}":
-                raise
-    return mods
+# Each subcommand module imports its heavy packages (torch, matplotlib) only when it runs.
+_COMMANDS = [analyze, demo, train, report, plot]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"geomprobe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for mod in _COMMANDS + _optional_commands():
+    for mod in _COMMANDS:
         mod.add_parser(sub)
     return parser
 

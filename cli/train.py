@@ -13,6 +13,8 @@ from pathlib import Path
 from geomprobe._validation import InputError
 from geomprobe.trainers.options import SPECS, get_spec, option_defaults, options_for
 
+from .cluster import add_cluster_options
+
 DEFAULT_OUT = "geomprobe-runs"
 
 
@@ -70,13 +72,12 @@ def add_parser(sub) -> None:
         e.add_argument("--sweep", metavar="KEY=V1,V2,...",
                        help="train once per value of one option into OUT/KEY=VALUE/, then analyse every run")
         e.add_argument("--resume", action="store_true", help="with --sweep: reuse finished runs and analyses")
-        from geomprobe.distributed import add_cli_options
-
-        add_cli_options(e)
+        add_cluster_options(e)
     p.set_defaults(run=run)
 
 
-def _read_config(path: str) -> dict:
+def read_config(path: str) -> dict:
+    """The options object of a --config JSON file (an InputError unless it holds a JSON object)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"--config {p}: no such file")
@@ -94,14 +95,14 @@ def run(args) -> int:
     get_spec(name)
     if args.seed is not None and args.seed < 0:
         raise InputError(f"--seed must be >= 0, got {args.seed}")
-    config = _read_config(args.config) if args.config else None
+    config = read_config(args.config) if args.config else None
     opts = options_for(name, args.preset, config, args.sets, seed=args.seed, device=args.device,
                        progress="off" if args.quiet else None)
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / f"{name}-{args.preset}"
     if getattr(args, "sweep", None):
-        from geomprobe.trainers.sweep import run_sweep_from_args
+        from .sweep import run_sweep_command
 
-        return run_sweep_from_args(args, out)
+        return run_sweep_command(args, out)
     if getattr(args, "scheduler", None) or getattr(args, "workers", None) is not None:
         raise InputError("--scheduler/--workers run a sweep: give --sweep KEY=V1,V2,...")
     try:

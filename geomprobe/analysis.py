@@ -712,22 +712,30 @@ def analyze(
     and OUTDIR/metrics.csv are written atomically. ``resume=True`` reuses a saved task only when its
     resume key (input file identity, options, version: :func:`resume_key`) is unchanged; the report
     says how many were reused and why the others were not. ``runner(tasks, options, on_done)`` runs
-    the tasks (default: serially here; see geomprobe.distributed for Dask). ``progress`` is called
-    with each finished TaskResult; ``on_plan(n_tasks, n_reused)`` once the tasks are known.
-    ``client``: a dask.distributed Client; the tasks then run on its cluster (same numbers).
+    the tasks (default: serially here; for Dask pass ``runner=geomprobe.distributed.dask_runner(client)``:
+    this module never imports the distributed one). ``progress`` is called with each finished
+    TaskResult; ``on_plan(n_tasks, n_reused)`` once the tasks are known. ``client`` (deprecated) is
+    the same as ``runner=geomprobe.distributed.dask_runner(client)``.
     """
     options = options or AnalyzeOptions()
     files = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
     out = prepare_outdir(outdir, force=force, resume=resume) if outdir is not None else None
     if client is not None and runner is not None:
         raise InputError("give either runner or client, not both")
+    if client is not None:  # deprecated alias: the runner is passed in (this module imports no runner module)
+        import importlib
+        import warnings
+
+        warnings.warn("analyze(client=...) is deprecated; pass runner=geomprobe.distributed.dask_runner(client)",
+                      DeprecationWarning, stacklevel=2)
+        runner = importlib.import_module("geomprobe.distributed").dask_runner(client)
     tasks = plan_tasks(files, options)
     if options.compare:
         _check_comparable(files)
     label_names = {p: shared_file(p).label_names for p in files if shared_file(p).label_names is not None}
     keys = {t.key: resume_key(t, options) for t in tasks} if out is not None else {}
     if out is None:
-        return _run(tasks, options, files, None, False, keys, runner, client, progress, on_plan, label_names)
+        return _run(tasks, options, files, None, False, keys, runner, progress, on_plan, label_names)
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -735,7 +743,7 @@ def analyze(
         raise InputError(f"output directory {out} could not be created ({exc.strerror or exc})") from None
     try:
         with lock_directory(out):
-            return _run(tasks, options, files, out, resume, keys, runner, client, progress, on_plan, label_names)
+            return _run(tasks, options, files, out, resume, keys, runner, progress, on_plan, label_names)
     except InputError:
         if created:  # nothing of ours to keep: leave no empty directory behind
             _remove_if_empty(out)
@@ -753,7 +761,7 @@ def _remove_if_empty(out: Path) -> None:
         pass
 
 
-def _run(tasks, options, files, out, resume, keys, runner, client, progress, on_plan, label_names):
+def _run(tasks, options, files, out, resume, keys, runner, progress, on_plan, label_names):
     done: dict[str, TaskResult] = {}
     reasons: Counter[str] = Counter()
     tdir = None
@@ -780,10 +788,6 @@ def _run(tasks, options, files, out, resume, keys, runner, client, progress, on_
         if progress is not None:
             progress(r)
 
-    if client is not None:
-        from .distributed import dask_runner
-
-        runner = dask_runner(client)
     todo = [t for t in tasks if t.key not in done]
     (runner or serial_runner)(todo, options, on_done)
     rows, notes, errors = [], [], []

@@ -43,8 +43,6 @@ from .analysis import (
 )
 
 __all__ = [
-    "add_cli_options",
-    "runner_from_args",
     "dask_runner",
     "cluster_runner",
     "connect",
@@ -256,49 +254,6 @@ def analyze_on_cluster(files, options: AnalyzeOptions | None = None, *, schedule
     runner = cluster_runner(scheduler=scheduler, workers=workers, threads_per_worker=threads_per_worker,
                             retries=retries, stream_batch_rows=stream_batch_rows)
     return analyze(files, options, runner=runner, **analyze_kwargs)
-
-
-# -- command line --------------------------------------------------------------------------------
-def add_cli_options(parser) -> None:
-    """Add the cluster options (--scheduler, --workers, --threads-per-worker, --retries,
-    --stream-batch-rows) to an argparse parser. Imports nothing from Dask."""
-    g = parser.add_argument_group("cluster (Dask; needs " + INSTALL_HINT + ")")
-    g.add_argument("--scheduler", metavar="ADDRESS",
-                   help="run the tasks on an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
-    g.add_argument("--workers", type=int, metavar="N",
-                   help="run the tasks on a local cluster of N worker processes (bound to 127.0.0.1)")
-    g.add_argument("--threads-per-worker", type=int, default=None, metavar="T",
-                   help="threads of each local worker (default 1; with --workers only)")
-    g.add_argument("--retries", type=int, default=2, metavar="R",
-                   help="reruns of a task that crashed or whose worker died (default 2)")
-    g.add_argument("--stream-batch-rows", type=int, default=None, metavar="B",
-                   help="compute alignment from batches of B rows instead of loading a layer whole "
-                        "(for layers larger than a worker's memory; see docs/scaling.md)")
-
-
-def runner_from_args(args):
-    """The runner the parsed options ask for: a cluster runner with --scheduler or --workers, a local
-    streaming runner with only --stream-batch-rows, else None (the default serial runner)."""
-    scheduler = getattr(args, "scheduler", None)
-    workers = getattr(args, "workers", None)
-    tpw = getattr(args, "threads_per_worker", None)
-    retries = getattr(args, "retries", 2)
-    stream = getattr(args, "stream_batch_rows", None)
-    if scheduler and workers is not None:
-        raise InputError(f"give either --scheduler ({scheduler}) or --workers ({workers}), not both")
-    if tpw is not None and workers is None:
-        raise InputError(f"--threads-per-worker ({tpw}) applies to a local cluster: use it with --workers")
-    if workers is not None:
-        check_positive_int(workers, "--workers")
-    if tpw is not None:
-        check_positive_int(tpw, "--threads-per-worker")
-    check_positive_int(retries, "--retries", minimum=0)
-    if stream is not None:
-        check_positive_int(stream, "--stream-batch-rows")
-    if not scheduler and workers is None:
-        return streaming_runner(stream) if stream is not None else None
-    return cluster_runner(scheduler=scheduler or None, workers=workers, threads_per_worker=tpw or 1,
-                          retries=retries, stream_batch_rows=stream)
 
 
 # -- streaming alignment -------------------------------------------------------------------------

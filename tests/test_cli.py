@@ -115,10 +115,16 @@ def test_several_files_gradients_and_selection(tmp_path, capsys, rng):
 
 
 def test_same_seed_same_numbers(acts, tmp_path, capsys):
-    for name in ("a", "b"):
-        assert run(["analyze", acts, "-o", tmp_path / name, "--no-mftma", "--seed", "3"], capsys)[0] == 0
+    """MFTMA on (capacity, radius, dimension draw random directions): the same seed gives the same file,
+    another seed other numbers, so the test could fail."""
+    small = ["--layers", "layer1", "--subsets", "test", "--n-t", "10", "--n-reps", "1"]
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        code, _, err = run(["analyze", acts, "-o", tmp_path / name, "--seed", seed, *small], capsys)
+        assert code == 0, err
     a = (tmp_path / "a" / "metrics.csv").read_text()
+    assert "capacity" in a and "radius" in a
     assert a == (tmp_path / "b" / "metrics.csv").read_text()
+    assert a != (tmp_path / "c" / "metrics.csv").read_text()
 
 
 def test_console_script_demo_and_usage_error(tmp_path):

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("distributed")
 
 from geomprobe import InputError  # noqa: E402
-from geomprobe.analysis import AnalyzeOptions, Task, analyze, plan_tasks, run_task, serial_runner  # noqa: E402
+from geomprobe.analysis import AnalyzeOptions, Task, analyze, plan_tasks, run_task  # noqa: E402
 from geomprobe.cli.main import main  # noqa: E402
 from geomprobe.distributed import (  # noqa: E402
     cluster_runner,
@@ -28,9 +28,9 @@ from geomprobe.distributed import (  # noqa: E402
     dask_runner,
     local_cluster,
     run_task_streamed,
-    runner_from_args,
     streaming_runner,
 )
+from geomprobe.cli.cluster import runner_from_args  # noqa: E402
 from geomprobe.io import open_activations, save_activations  # noqa: E402
 from geomprobe.synthetic import synthetic_activations  # noqa: E402
 
@@ -93,9 +93,27 @@ def test_distributed_equals_local_bit_for_bit(client, files, local_report):
     assert json.loads(report.to_json())["rows"] == json.loads(local_report.to_json())["rows"]
 
 
-def test_client_keyword_of_analyze(client, files, local_report):
-    report = analyze(files[:1], OPTIONS, client=client)
+def test_client_keyword_of_analyze_is_a_deprecated_alias(client, files, local_report):
+    with pytest.warns(DeprecationWarning, match=r"runner=geomprobe.distributed.dask_runner\(client\)"):
+        report = analyze(files[:1], OPTIONS, client=client)
     assert report.rows == [r for r in local_report.rows if r["file"] == files[0]]
+    report = analyze(files[:1], OPTIONS, runner=dask_runner(client))
+    assert report.rows == [r for r in local_report.rows if r["file"] == files[0]]
+
+
+def test_analysis_does_not_import_the_distributed_runner():
+    import ast
+    import pathlib
+
+    import geomprobe.analysis as ga
+
+    tree = ast.parse(pathlib.Path(ga.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and m.endswith("distributed") for m in imported), imported
+    code = "import sys, geomprobe.analysis; print('geomprobe.distributed' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stderr
 
 
 def test_relative_paths_are_opened_from_the_clients_directory(client, files, monkeypatch):
@@ -346,37 +364,14 @@ def test_runner_from_args_errors(argv, message):
         runner_from_args(args)
 
 
-def _cli_passes_every_cluster_option() -> bool:
-    """Whether cli/analyze.py hands the cluster options to runner_from_args even without --scheduler /
-    --workers (probe: --stream-batch-rows 0 alone must be refused before the files are looked at)."""
-    from geomprobe.cli.main import build_parser
-
-    args = build_parser().parse_args(["analyze", "no-such-file.npz", "--stream-batch-rows", "0"])
-    try:
-        args.run(args)
-    except InputError as exc:
-        return "stream-batch-rows" in str(exc)
-    return False
-
-
-# Until cli/analyze.py calls runner_from_args whenever the cluster options exist (a one-line change
-# asked of the lead), an option given without --scheduler/--workers (or --workers 0) is
-# ignored there. strict: once the change lands the probe flips and these run as normal tests.
-_IGNORED_BY_CLI = pytest.mark.xfail(condition=not _cli_passes_every_cluster_option(), strict=True,
-                                    reason="cli/analyze.py calls runner_from_args only when --scheduler/--workers "
-                                    "are truthy")
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--scheduler", "tcp://127.0.0.1:1", "--workers", "2"], "give either --scheduler (tcp://127.0.0.1:1) or --workers (2), not both"),
         (["--workers", "1", "--retries", "-1"], "--retries must be an integer >= 0, got -1"),
-        pytest.param(["--threads-per-worker", "2"], "--threads-per-worker (2) applies to a local cluster",
-                     marks=_IGNORED_BY_CLI),
-        pytest.param(["--workers", "0"], "--workers must be an integer >= 1, got 0", marks=_IGNORED_BY_CLI),
-        pytest.param(["--stream-batch-rows", "0"], "--stream-batch-rows must be an integer >= 1, got 0",
-                     marks=_IGNORED_BY_CLI),
+        (["--threads-per-worker", "2"], "--threads-per-worker (2) applies to a local cluster"),
+        (["--workers", "0"], "--workers must be an integer >= 1, got 0"),
+        (["--stream-batch-rows", "0"], "--stream-batch-rows must be an integer >= 1, got 0"),
     ],
 )
 def test_cli_option_errors(files, tmp_path, capsys, argv, message):

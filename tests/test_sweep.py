@@ -194,8 +194,8 @@ def _train_args(**kw):
     return argparse.Namespace(**base)
 
 
-def test_run_sweep_from_args(tmp_path, capsys):
-    from geomprobe.trainers.sweep import run_sweep_from_args
+def test_run_sweep_command(tmp_path, capsys):
+    from geomprobe.cli.sweep import run_sweep_command as run_sweep_from_args
 
     out = tmp_path / "s"
     assert run_sweep_from_args(_train_args(quiet=False), out, train_fn=_fake_train()) == 0
@@ -207,6 +207,19 @@ def test_run_sweep_from_args(tmp_path, capsys):
         run_sweep_from_args(_train_args(scheduler="tcp://x:1", workers=2), tmp_path / "t", train_fn=_fake_train())
     with pytest.raises(InputError, match=re.escape("--threads-per-worker (2) applies to a local cluster")):
         run_sweep_from_args(_train_args(threads_per_worker=2), tmp_path / "t", train_fn=_fake_train())
+
+
+def test_sweep_config_is_read_like_a_single_runs(tmp_path):
+    """--config with --sweep goes through cli/train.py's reading: a JSON list is refused by name."""
+    from geomprobe.cli.sweep import run_sweep_command
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text("[1, 2]")
+    with pytest.raises(InputError, match=re.escape(f"--config {cfg}: must hold a JSON object of options, got list")):
+        run_sweep_command(_train_args(config=str(cfg)), tmp_path / "t", train_fn=_fake_train())
+    import geomprobe.trainers.sweep as ts
+
+    assert not hasattr(ts, "run_sweep_from_args")  # the command line lives in cli/
 
 
 @pytest.mark.slow

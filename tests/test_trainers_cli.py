@@ -71,7 +71,7 @@ def test_tiny_preset_writes_readable_activation_files(tmp_path, name, capsys):
     assert rc == 2 and "pass --force" in capsys.readouterr().err
     if name == "identity-crisis":  # analyze reads the probes
         rc = main(["analyze", str(out / "acts_conv-d1-c8.npz"), "-o", str(tmp_path / "ana"), "--no-mftma", "--quiet"])
-        assert rc in (0, 1)
+        assert rc == 0, capsys.readouterr().err  # every task of the file analyses
         text = (tmp_path / "ana" / "metrics.csv").read_text()
         assert "identity_corr" in text
 
@@ -150,9 +150,9 @@ def test_e2_spheres_config_file_selects_the_feed_forward_net(tmp_path):
     through --config on top of the small preset and names only known options."""
     from pathlib import Path
 
-    from geomprobe.cli.train import _read_config
+    from geomprobe.cli.train import read_config
 
-    cfg = _read_config(str(Path(__file__).parents[1] / "docs" / "configs" / "e2_small_spheres.json"))
+    cfg = read_config(str(Path(__file__).parents[1] / "docs" / "configs" / "e2_small_spheres.json"))
     o = options_for("label-noise-geometry", "small", cfg)
     assert (o.dataset, o.model, o.n_classes, o.capture_per_class) == ("spheres", "feedforward", 50, 20)
     assert SPECS["label-noise-geometry"].presets["small"]["model"] == "alexnet"
@@ -163,9 +163,9 @@ def test_e2_half_width_config_file_restores_the_session_4_preset():
     60 epochs), kept for comparison; on top of today's small preset it differs only in those options."""
     from pathlib import Path
 
-    from geomprobe.cli.train import _read_config
+    from geomprobe.cli.train import read_config
 
-    cfg = _read_config(str(Path(__file__).parents[1] / "docs" / "configs" / "e2_small_alexnet_half.json"))
+    cfg = read_config(str(Path(__file__).parents[1] / "docs" / "configs" / "e2_small_alexnet_half.json"))
     o = options_for("label-noise-geometry", "small", cfg)
     now = options_for("label-noise-geometry", "small")
     assert (o.model, o.width_factor, o.epochs, o.keep_every) == ("alexnet", 0.5, 60, 4)

@@ -25,7 +25,7 @@ from geomprobe._validation import InputError, check_positive_int
 from geomprobe.analysis import AnalysisReport, AnalyzeOptions, analyze
 from geomprobe.io import atomic_write_text
 
-__all__ = ["SweepRun", "SweepReport", "parse_sweep", "run_sweep", "run_sweep_from_args", "train_experiment",
+__all__ = ["SweepRun", "SweepReport", "parse_sweep", "run_sweep", "train_experiment",
            "value_dir"]
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -341,52 +341,3 @@ def _train_on_cluster(client, jobs, experiment, train_fn, force, resume, retries
 
 def _safe(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=]", "_", value)[:40]
-
-
-# -- command line (geomprobe train EXPERIMENT --sweep ...) ---------------------------------------
-def run_sweep_from_args(args, out: str | os.PathLike, *, train_fn=None) -> int:
-    """``geomprobe train EXPERIMENT --sweep KEY=V1,... [--scheduler A | --workers N] [--resume]``:
-    the sweep for parsed arguments of ``geomprobe train`` (experiment, preset, config, sets, seed,
-    device, force, quiet, and the cluster options of geomprobe.distributed.add_cli_options).
-    Prints one line per run and the failures; returns the exit code (0, or 1 if anything failed)."""
-    import sys
-
-    key, values = parse_sweep(args.sweep)
-    config = None
-    if getattr(args, "config", None):
-        p = Path(args.config)
-        if not p.is_file():
-            raise InputError(f"--config {p}: no such file")
-        try:
-            config = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"--config {p}: not valid JSON ({exc})") from None
-    quiet = bool(getattr(args, "quiet", False))
-    base = {"preset": getattr(args, "preset", "tiny"), "config": config, "sets": list(getattr(args, "sets", []) or []),
-            "seed": getattr(args, "seed", None), "device": getattr(args, "device", None),
-            "progress": "off" if quiet else None}
-    scheduler = getattr(args, "scheduler", None) or None
-    workers = getattr(args, "workers", None)
-    tpw = getattr(args, "threads_per_worker", None)
-    if scheduler and workers is not None:
-        raise InputError(f"give either --scheduler ({scheduler}) or --workers ({workers}), not both")
-    if tpw is not None and workers is None:
-        raise InputError(f"--threads-per-worker ({tpw}) applies to a local cluster: use it with --workers")
-
-    def show(kind, obj):
-        if kind == "train" and not quiet:
-            state = "failed" if obj.error else ("reused" if obj.reused else "done")
-            print(f"{key}={obj.value}: {state} ({len(obj.files)} activation file(s)) -> {obj.out}", file=sys.stderr)
-
-    report = run_sweep(args.experiment, base, key, values, out=out, scheduler=scheduler, workers=workers,
-                       threads_per_worker=tpw or 1, retries=getattr(args, "retries", 2),
-                       force=bool(getattr(args, "force", False)), resume=bool(getattr(args, "resume", False)),
-                       analyze_options=AnalyzeOptions(seed=getattr(args, "seed", None) or 0),
-                       stream_batch_rows=getattr(args, "stream_batch_rows", None), train_fn=train_fn,
-                       progress=show)
-    if not quiet and report.analysis is not None:
-        print(f"analysis: {report.analysis.n_tasks} task(s), {len(report.analysis.rows)} rows -> "
-              f"{Path(out) / 'analysis'}/metrics.json", file=sys.stderr)
-    for k, err in report.errors:
-        print(f"geomprobe train: {k} failed: {err}", file=sys.stderr)
-    return 0 if report.ok else 1
