@@ -172,9 +172,10 @@ def test_recorder_refuses_bad_options():
         ScoreRecorder(5, el2n_epoch=0)
 
 
-def test_recorder_device_state_matches_the_core_formulas(rng):
-    """on_batch's scatter updates (no host sync) equal ForgettingState / aum_margin / el2n fed the same
-    presentations, also when batches repeat an example (repeat > 1 straddling a batch)."""
+def test_recorder_epoch_log_matches_the_core_formulas(rng):
+    """The recorder (batches logged on the device, scored once per epoch) equals ForgettingState /
+    aum_margin / el2n fed the same presentations batch by batch, also when a batch repeats an example
+    (two passes per epoch straddling a batch)."""
     from geomprobe.trainers.scores import ScoreRecorder
 
     n, k = 40, 4

@@ -10,11 +10,11 @@ presented example, and EL2N during ``el2n_epoch`` (the mean over that epoch's pr
 the default ``repeat=1``); after the last epoch, with ``grad_norms=True``, the per-example gradient norm
 of each Linear / Conv2d layer (weight and bias together) of the final model in eval mode.
 
-The per-batch work runs on the logits' device without a host synchronisation: an argmax, a gather, a
-softmax and a few scatters into per-example tensors indexed by example (the same formulas as
-geomprobe.scores.aum_margin / el2n / ForgettingState, which the tests check it against). The state is
-copied to the host once per epoch and saved with every checkpoint (``scores_state.npz``) so a resumed
-run continues the counts; the table is written when training ends.
+The per-batch work is three copies into this epoch's log of presentations (logits, training labels,
+example indices) on their devices, without a host synchronisation. Once per epoch (``end_epoch``) the
+log is copied to the host and scored in presentation order with geomprobe.scores' formulas
+(ForgettingState, aum_margin, el2n); the per-example state is saved with every checkpoint
+(``scores_state.npz``) so a resumed run continues the counts; the table is written when training ends.
 
 Per-example gradient norms: trainers/gradstats.py has no public per-example per-layer norm API yet, so
 they are computed here directly: forward hooks keep each layer's input a_i and output, one backward of
@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from geomprobe._validation import InputError, check_positive_int
 from geomprobe.io import atomic_write_bytes
-from geomprobe.scores import ForgettingState, read_scores, score_summary, write_scores
+from geomprobe.scores import ForgettingState, aum_margin, el2n, read_scores, score_summary, write_scores
 
 __all__ = ["ScoreRecorder", "per_example_layer_grad_norms", "scores_section", "scores_figure", "STATE_FILE"]
 
@@ -50,9 +50,8 @@ class ScoreRecorder:
     label-noise run (stored in the table; scores always use the training labels); ``el2n_epoch``: the
     (early) epoch whose presentations give EL2N; ``grad_norms``: per-layer gradient norms at the end.
 
-    The running state lives in per-example tensors on the logits' device, updated by index (scatter /
-    index_add) in every batch without a host synchronisation; it is copied to the host once per epoch
-    (``end_epoch``), where ``forget``, ``margin_sum`` and ``el2n`` mirror it.
+    ``on_batch`` only logs the batch on its device (no host synchronisation); ``end_epoch`` copies the
+    epoch's log to the host once and updates the per-example state ``forget``, ``margin_sum``, ``el2n``.
     """
 
     def __init__(self, n: int, *, subsets: Any = None, true_labels: Any = None, el2n_epoch: int = 1,
@@ -67,90 +66,86 @@ class ScoreRecorder:
         if self.true_labels is not None and self.true_labels.shape != (n,):
             raise InputError(f"true_labels has shape {self.true_labels.shape} but there are {n} training examples")
         self.grad_norms = bool(grad_norms)
-        # host mirrors (the table and the saved state read these), refreshed by end_epoch / resume
+        # per-example state (host), updated once per epoch from the log
         self.forget = ForgettingState(n)
         self.margin_sum = np.zeros(n)
         self.el2n = np.full(n, np.nan)
         self.epochs = 0
         self.notes: list[str] = []
         self.grads: dict[str, np.ndarray] = {}
-        self._dev: dict[str, torch.Tensor] | None = None  # device state, created by the first batch
-
-    # -- device state --------------------------------------------------------------------------
-    def _to_device(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Device tensors initialised from the host mirrors (float64 sums; float32 where the device
-        has no float64, e.g. MPS)."""
-        fdt = torch.float32 if device.type == "mps" else torch.float64
-        f = self.forget
-        el = np.nan_to_num(self.el2n, nan=0.0)
-
-        def t(a, dt):
-            return torch.as_tensor(np.ascontiguousarray(a)).to(device=device, dtype=dt)
-        return {"counts": t(f.counts, torch.int64), "prev": t(f.prev, torch.bool), "first": t(f.first, torch.int64),
-                "presented": t(f.presented, torch.int64), "margin_sum": t(self.margin_sum, fdt),
-                "el2n_sum": t(el, fdt), "el2n_count": t(~np.isnan(self.el2n), torch.int64)}
-
-    def _to_host(self) -> None:
-        """Copy the device state into the host mirrors (one synchronisation)."""
-        if self._dev is None:
-            return
-        h = {k: v.cpu().numpy() for k, v in self._dev.items()}
-        self.forget.counts[:] = h["counts"]
-        self.forget.prev[:] = h["prev"]
-        self.forget.first[:] = h["first"]
-        self.forget.presented[:] = h["presented"]
-        self.margin_sum[:] = h["margin_sum"]
-        cnt = h["el2n_count"]
-        self.el2n[:] = np.where(cnt > 0, h["el2n_sum"] / np.maximum(cnt, 1), np.nan)
+        # this epoch's presentations, in order, on the device: logits, training labels, example indices
+        self._log: dict[str, torch.Tensor] | None = None
+        self._pos = 0
+        self._log_epoch: int | None = None
 
     # -- called by train() ---------------------------------------------------------------------
     @torch.no_grad()
     def on_batch(self, epoch: int, idx: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        """One training batch: example indices, its logits and training labels. Device work only (no
-        host synchronisation); an example may occur several times in a batch (taken in order)."""
-        z = logits.detach().float()
-        dev = z.device
-        if self._dev is None or self._dev["counts"].device != dev:
-            self._to_host()
-            self._dev = self._to_device(dev)
-        s = self._dev
-        ii = idx.detach().to(dev, torch.int64, non_blocking=True)
-        yy = y.detach().to(dev, torch.int64, non_blocking=True)
-        rows = yy.unsqueeze(1)
-        correct = z.argmax(dim=1) == yy
-        zy = z.gather(1, rows).squeeze(1)
-        margin = zy - z.scatter(1, rows, float("-inf")).amax(dim=1)
-        s["margin_sum"].index_add_(0, ii, margin.to(s["margin_sum"].dtype))
-        if epoch == self.el2n_epoch:
-            p = torch.softmax(z, dim=1)
-            p = p.scatter(1, rows, p.gather(1, rows) - 1.0)
-            s["el2n_sum"].index_add_(0, ii, p.pow(2).sum(dim=1).sqrt().to(s["el2n_sum"].dtype))
-            s["el2n_count"].index_add_(0, ii, torch.ones_like(ii))
-        # forgetting, in presentation order also when an example repeats: stable sort by example, so
-        # the previous presentation of an occurrence is the one before it in its run of equal indices
-        si, order = torch.sort(ii, stable=True)
-        c = correct[order]
-        m = si.numel()
-        pos = torch.arange(m, device=dev)
-        same = torch.zeros(m, dtype=torch.bool, device=dev)
-        same[1:] = si[1:] == si[:-1]
-        start = torch.cummax(torch.where(same, torch.zeros_like(pos), pos), dim=0).values
-        occ = pos - start  # occurrence number of the example within this batch
-        prev_c = torch.where(same, torch.roll(c, 1), s["prev"][si])
-        s["counts"].index_add_(0, si, (prev_c & ~c).to(torch.int64))
-        big = torch.iinfo(torch.int64).max
-        first_cand = torch.where(c, s["presented"][si] + occ, torch.full_like(occ, big))
-        newfirst = torch.full((self.n,), big, dtype=torch.int64, device=dev)
-        newfirst.scatter_reduce_(0, si, first_cand, reduce="amin")
-        s["first"].copy_(torch.where((s["first"] < 0) & (newfirst < big), newfirst, s["first"]))
-        last = torch.full((self.n,), -1, dtype=torch.int64, device=dev)  # 2 * occurrence + correct, max = last
-        last.scatter_reduce_(0, si, 2 * occ + c.to(torch.int64), reduce="amax")
-        s["prev"].copy_(torch.where(last >= 0, (last % 2).bool(), s["prev"]))
-        s["presented"].index_add_(0, si, torch.ones_like(si))
+        """One training batch: example indices, its logits and training labels. Only copies them into
+        this epoch's log on their devices (no host synchronisation); the scores are computed from the
+        log once per epoch (``end_epoch``)."""
+        if self._log_epoch is not None and epoch != self._log_epoch:
+            self._flush()  # a new epoch without end_epoch (a caller driving the recorder by hand)
+        self._log_epoch = epoch
+        z = logits.detach()
+        m = int(z.shape[0])
+        log = self._log
+        if log is None or log["z"].shape[1] != z.shape[1] or log["z"].device != z.device \
+                or log["i"].device != idx.device or self._pos + m > log["z"].shape[0]:
+            log = self._grow(max(self.n, 2 * (self._pos + m)), z, idx)
+        log["z"][self._pos:self._pos + m].copy_(z, non_blocking=True)
+        log["y"][self._pos:self._pos + m].copy_(y.detach(), non_blocking=True)
+        log["i"][self._pos:self._pos + m].copy_(idx.detach(), non_blocking=True)
+        self._pos += m
+
+    def _grow(self, rows: int, z: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A log of ``rows`` presentations (logits float32 and labels on the logits' device, indices on
+        the indices' device), holding what was logged so far."""
+        new = {"z": torch.empty((rows, z.shape[1]), dtype=torch.float32, device=z.device),
+               "y": torch.empty(rows, dtype=torch.int64, device=z.device),
+               "i": torch.empty(rows, dtype=torch.int64, device=idx.device)}
+        if self._log is not None and self._pos:
+            for k in new:
+                new[k][:self._pos].copy_(self._log[k][:self._pos])
+        self._log = new
+        return new
+
+    def _flush(self) -> None:
+        """Scores of the logged presentations (one copy to the host), in presentation order, with the
+        core's formulas: forgetting (ForgettingState), AUM margins, EL2N in the EL2N epoch."""
+        if self._log is None or self._pos == 0:
+            return
+        k = self._pos
+        z = self._log["z"][:k].cpu().numpy().astype(np.float64)
+        yy = self._log["y"][:k].cpu().numpy()
+        ii = self._log["i"][:k].cpu().numpy()
+        epoch, self._pos, self._log_epoch = self._log_epoch, 0, None
+        if ii.min() < 0 or ii.max() >= self.n:
+            raise InputError(f"example index {int(ii.max() if ii.max() >= self.n else ii.min())} outside "
+                             f"0..{self.n - 1}: the recorder was built for {self.n} training examples")
+        correct = z.argmax(axis=1) == yy
+        if np.unique(ii).size == k:  # every example at most once (repeat=1): one step
+            self.forget.update(ii, correct)
+        else:  # in order: steps without a repeated example
+            seen = np.zeros(self.n, bool)
+            a = 0
+            for b in range(k):
+                if seen[ii[b]]:
+                    self.forget.update(ii[a:b], correct[a:b])
+                    seen[ii[a:b]] = False
+                    a = b
+                seen[ii[b]] = True
+            self.forget.update(ii[a:], correct[a:])
+        np.add.at(self.margin_sum, ii, aum_margin(z, yy))
+        if epoch == self.el2n_epoch:  # mean over the epoch's presentations (one each with repeat=1)
+            tot, cnt = np.zeros(self.n), np.zeros(self.n)
+            np.add.at(tot, ii, el2n(z, yy))
+            np.add.at(cnt, ii, 1.0)
+            self.el2n = np.where(cnt > 0, tot / np.maximum(cnt, 1.0), self.el2n)
 
     def end_epoch(self, epoch: int, out: Path | None) -> None:
-        """Copy the state to the host (the epoch's one synchronisation) and save it in ``out``."""
-        self._to_host()
+        """Score the epoch's presentations (the epoch's one synchronisation) and save the state in ``out``."""
+        self._flush()
         self.epochs = epoch
         if out is not None:
             buf = io.BytesIO()
@@ -175,13 +170,13 @@ class ScoreRecorder:
             self.forget.presented[:] = z["presented"]
             self.margin_sum[:] = z["margin_sum"]
             self.el2n[:] = z["el2n"]
-        self._dev = None  # rebuilt from the mirrors by the next batch
+        self._pos, self._log_epoch = 0, None
         self.epochs = epoch
 
     def finish(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path | None, *,
                loss: str = "ce", device: torch.device | None = None) -> Path | None:
         """After training: per-layer gradient norms (if enabled) and the table in ``out``."""
-        self._to_host()
+        self._flush()
         if self.grad_norms and loss != "mse":
             self.grads = per_example_layer_grad_norms(model, x, y, batch_size=self.grad_batch, device=device)
         if out is None:
@@ -189,7 +184,7 @@ class ScoreRecorder:
         return write_scores(out, self.columns(y), self.meta())
 
     def columns(self, y) -> dict[str, np.ndarray]:
-        self._to_host()
+        self._flush()
         fr = self.forget.result()
         yy = y.detach().cpu().numpy() if torch.is_tensor(y) else np.asarray(y)
         aum = self.margin_sum / np.maximum(self.forget.presented, 1)
