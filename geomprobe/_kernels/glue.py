@@ -29,23 +29,104 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .mftma_anchors import _accept_or_step
-from .mftma_simcap import _chol_delete
-
 _DEP_TOL = 1e-11      # Cholesky pivot test (fraction of the squared column norm), as mftma_anchors
 _VIOL_TOL = 1e-13     # violator threshold, relative to max |b|
 
 
 @njit(cache=True, nogil=True)
+def _dot(a, b, n):
+    """sum_{c < n} a[c] b[c] with four independent partial sums (the loop is latency bound
+    otherwise: without fastmath the compiler keeps one sequential sum)."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    c = 0
+    while c + 4 <= n:
+        s0 += a[c] * b[c]
+        s1 += a[c + 1] * b[c + 1]
+        s2 += a[c + 2] * b[c + 2]
+        s3 += a[c + 3] * b[c + 3]
+        c += 4
+    while c < n:
+        s0 += a[c] * b[c]
+        c += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True, nogil=True)
+def _accept_or_step(y, z, idx, k):
+    """Lawson-Hanson inner step on the passive set idx[:k] with least-squares solution y: if every y
+    is positive, accept it (z[idx] = y) and return True; otherwise move z towards y until the first
+    passive variable hits zero (set to exactly 0) and return False."""
+    ok = True
+    for q in range(k):
+        if y[q] <= 0.0:
+            ok = False
+            break
+    if ok:
+        for q in range(k):
+            z[idx[q]] = y[q]
+        return True
+    step = 1.0
+    qmin = -1
+    for q in range(k):
+        if y[q] <= 0.0:
+            zi = z[idx[q]]
+            a = zi / (zi - y[q])
+            if a < step:
+                step = a
+                qmin = q
+    for q in range(k):
+        i = idx[q]
+        z[i] += step * (y[q] - z[i])
+    if qmin >= 0:
+        z[idx[qmin]] = 0.0
+    return False
+
+
+@njit(cache=True, nogil=True)
+def _chol_delete(L, k, q):
+    """Remove row/column q from the Gram matrix whose lower Cholesky factor is L[:k, :k] (row-major).
+
+    The rows below q move up one, leaving a lower Hessenberg block that Givens rotations of the
+    column pairs (j, j + 1), j = q..k-2, make triangular again. The rotations are applied row by
+    row (each row once, contiguous in memory), not column pair by column pair (a stride of one row
+    per element): the same arithmetic, without a cache miss per element."""
+    if q >= k - 1:
+        return
+    cs = np.empty(k)
+    sn = np.empty(k)
+    for i in range(q, k - 1):
+        Li = L[i]
+        Ln = L[i + 1]
+        for c in range(i + 2):
+            Li[c] = Ln[c]
+        for j in range(q, i):
+            x = Li[j]
+            y = Li[j + 1]
+            Li[j] = cs[j] * x + sn[j] * y
+            Li[j + 1] = -sn[j] * x + cs[j] * y
+        a = Li[i]
+        b = Li[i + 1]
+        r = np.sqrt(a * a + b * b)
+        if r == 0.0:
+            cs[i] = 1.0
+            sn[i] = 0.0
+        else:
+            cs[i] = a / r
+            sn[i] = b / r
+            Li[i] = r
+        Li[i + 1] = 0.0
+
+
+@njit(cache=True, nogil=True)
 def _solve_b(L, k, idx, b, rhs, yv):
     """yv = least-squares solution on the passive set idx[:k] (G_PP yv = b_P via the factor L)."""
-    for r in range(k):                 # forward by rows of L
-        acc = b[idx[r]]
+    for r in range(k):                 # forward by rows of L (contiguous dot)
         Lr = L[r]
-        for c in range(r):
-            acc -= Lr[c] * yv[c]
-        yv[r] = acc / Lr[r]
-    for r in range(k - 1, -1, -1):     # backward by columns of L^T = rows of L (contiguous)
+        yv[r] = (b[idx[r]] - _dot(Lr, yv, r)) / Lr[r]
+    for r in range(k - 1, -1, -1):     # backward by columns of L^T = rows of L (axpy)
         Lr = L[r]
         yr = yv[r] / Lr[r]
         yv[r] = yr
@@ -105,10 +186,12 @@ def _lh_block(G, b, z, nw, kst, L, idx, passive, excluded, rhs, yv, w, cand, dep
     block = block0
     while True:
         for i in range(nw):
-            acc = b[i]
-            for q in range(k):
-                acc -= G[i, idx[q]] * z[idx[q]]
-            w[i] = acc
+            w[i] = b[i]
+        for q in range(k):             # G symmetric: row idx[q] = column idx[q], contiguous
+            Gq = G[idx[q]]
+            zq = z[idx[q]]
+            for i in range(nw):
+                w[i] -= Gq[i] * zq
         nc = 0
         for i in range(nw):
             if (not passive[i]) and (not excluded[i]) and w[i] > tol:
@@ -125,14 +208,11 @@ def _lh_block(G, b, z, nw, kst, L, idx, passive, excluded, rhs, yv, w, cand, dep
         ndep = 0
         for t in range(nb):
             j = cand[order[t]]
+            Gj = G[j]
+            Lk = L[k]
             for r in range(k):
-                acc = G[idx[r], j]
-                for c in range(r):
-                    acc -= L[r, c] * L[k, c]
-                L[k, r] = acc / L[r, r]
-            d2 = G[j, j]
-            for c in range(k):
-                d2 -= L[k, c] * L[k, c]
+                Lk[r] = (Gj[idx[r]] - _dot(L[r], Lk, r)) / L[r, r]
+            d2 = Gj[j] - _dot(Lk, Lk, k)
             if not (d2 > _DEP_TOL * G[j, j] and d2 > 0.0):
                 excluded[j] = True
                 dep[ndep] = j
@@ -177,16 +257,6 @@ def _lh_block(G, b, z, nw, kst, L, idx, passive, excluded, rhs, yv, w, cand, dep
             return -1
     kst[0] = k
     return it
-
-
-@njit(cache=True, nogil=True)
-def _gram_entry(K, X, use_k, i, j):
-    if use_k:
-        return K[i, j]
-    acc = 0.0
-    for c in range(X.shape[1]):
-        acc += X[i, c] * X[j, c]
-    return acc
 
 
 @njit(cache=True, nogil=True)
@@ -277,18 +347,34 @@ def joint_dual(K, X, use_k, sgn, b, lam, block, max_iter, inner_block=32):
             rhs = np.empty(cap)
             yv = np.empty(cap)
             ww = np.empty(cap)
-        # grow the working set and its signed Gram block
+        # grow the working set and its signed Gram block: the new rows first (contiguous writes,
+        # one row of K each), then their mirror into the old rows' new columns
         for t in range(nb):
             j = sel[t]
-            ws[nw] = j
+            ws[nw + t] = j
             in_ws[j] = True
-            bw[nw] = b[j]
-            zw[nw] = 0.0
-            for q in range(nw + 1):
-                g = sgn[ws[q]] * sgn[j] * _gram_entry(K, X, use_k, ws[q], j)
-                Gw[q, nw] = g
-                Gw[nw, q] = g
-            nw += 1
+            bw[nw + t] = b[j]
+            zw[nw + t] = 0.0
+        nw1 = nw + nb
+        for t in range(nb):
+            j = sel[t]
+            sj = sgn[j]
+            Gr = Gw[nw + t]
+            if use_k:
+                Kj = K[j]
+                for q in range(nw1):
+                    i = ws[q]
+                    Gr[q] = sj * sgn[i] * Kj[i]
+            else:
+                Xj = X[j]
+                for q in range(nw1):
+                    i = ws[q]
+                    Gr[q] = sj * sgn[i] * _dot(X[i], Xj, N)
+        for q in range(nw):
+            Gq = Gw[q]
+            for t in range(nb):
+                Gq[nw + t] = Gw[nw + t, q]
+        nw = nw1
         r = _lh_block(Gw, bw, zw, nw, kst, L, idx, passive, excluded, rhs, yv, ww, wcand, dep, inner_block, max_iter)
         if r < 0:
             status = 1
@@ -304,8 +390,9 @@ def joint_dual(K, X, use_k, sgn, b, lam, block, max_iter, inner_block=32):
                 lj = lam[j]
                 if lj > 0.0:
                     sj = sgn[j] * lj
+                    Kj = K[j]                 # row j = column j (K symmetric): contiguous
                     for i in range(n):
-                        w[i] -= sgn[i] * K[i, j] * sj
+                        w[i] -= sgn[i] * Kj[i] * sj
         else:
             for c in range(N):
                 u[c] = 0.0
