@@ -214,3 +214,23 @@ def test_trainer_adapters_call_the_core():
     assert d["w"] == core.distance[0] == 2.0
     assert core.skipped == (("b", "zero norm at init"),)
     assert d == {"w": 2.0, "b (abs)": pytest.approx(np.sqrt(12.0))}  # undefined -> the absolute distance, named
+
+
+def test_gradstats_weight_distance_is_a_deprecated_alias_with_the_same_rule():
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from geomprobe.trainers.checkpoint import relative_weight_distance
+    from geomprobe.trainers.gradstats import relative_weight_distance as old_order
+
+    torch.manual_seed(1)
+    m = nn.Linear(4, 3)
+    init = {k: v.clone() for k, v in m.state_dict().items()}
+    init["bias"].zero_()
+    with torch.no_grad():
+        m.weight.mul_(2.0)
+    with pytest.warns(DeprecationWarning, match=r"checkpoint.relative_weight_distance\(initial, current\)"):
+        old = old_order(m, init)  # current first: the old order
+    new = relative_weight_distance(init, m)
+    assert old["weight"] == new["weight"] == pytest.approx(1.0, rel=1e-12)
+    assert old["bias"] is None and "bias (abs)" in new  # one rule (undefined), two presentations
