@@ -14,7 +14,7 @@ for MFTMA and caches the rows in ``DIR/analysis``), measures every effect the sp
 No training happens here and torch is not imported: a report can be rebuilt on any machine from the
 saved results. The thresholds of every criterion are stated in docs/reproducing.md next to the values
 measured with several seeds. An effect that cannot be measured (an artefact is missing) is listed with
-``passed: false`` and a ``measured`` that says what is missing, never silently dropp
+``passed: false`` and a ``measured`` that says what is missing, never silently dropped.
 
 Layout (one module per job): ``common`` (criteria thresholds, effect names, the summary file, small
 statistics), ``summary`` (:func:`summarize`, the entry point), ``e1`` .. ``e4`` (each experiment's
