@@ -159,8 +159,8 @@ def series(table: MetricsTable, metric: str, subset: str, *, radius: str = "medi
 def _family_metrics(table: MetricsTable) -> "OrderedDict[str, list[str]]":
     fams: OrderedDict[str, list[str]] = OrderedDict((name, []) for name, _, _ in _FAMILIES)
     for m in table.metrics():
-        if m in _SKIP or m.endswith("_n_classes_skipped"):
-            continue
+        if m in _SKIP or m.endswith("_n_classes_skipped") or m.startswith("score_"):
+            continue  # score_* rows summarise a scores.csv (no layer axis): drawn by _scores_figures
         vals = [r["value"] for r in table.rows if r["metric"] == m and r["class"] == ""]
         if not any(math.isfinite(v) for v in vals):
             continue
@@ -246,9 +246,90 @@ def build_figures(table: MetricsTable, *, radius: str = "median"):
             caption += (" Radius: median over classes with the interquartile band (the mean can be dominated by "
                         "one class, docs/metrics.md)." if radius == "median" else " Radius: mean over classes.")
         figs[fam] = (fig, caption)
+    figs.update(_similarity_figures(table, Figure, FigureCanvasAgg))
+    figs.update(_scores_figures(table, Figure, FigureCanvasAgg))
     if not figs:
         raise InputError(f"{table.outdir}: metrics.csv holds no aggregate metric that can be plotted")
     return figs
+
+
+def _similarity_figures(table: MetricsTable, Figure, Canvas) -> dict:
+    """Layer x layer heatmaps of OUTDIR/similarity.csv (``analyze --compare``): one panel per metric,
+    rows and columns the (file, layer) items in the order written; the diagonal is CKA 1 / angle 0."""
+    path = table.outdir / "similarity.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return {}
+    labels = file_labels(list(OrderedDict.fromkeys([r["file_a"] for r in rows] + [r["file_b"] for r in rows])))
+    items = list(OrderedDict.fromkeys(
+        [(r["file_a"], r["layer_a"]) for r in rows] + [(r["file_b"], r["layer_b"]) for r in rows]))
+    pos = {it: i for i, it in enumerate(items)}
+    one_file = len({f for f, _ in items}) == 1
+    names = [f"{x}" if one_file else f"{labels[f]}:{x}" for f, x in items]
+    metrics = [m for m in ("cka", "cka_unbiased", "procrustes_angle") if any(r["metric"] == m for r in rows)]
+    k = len(items)
+    side = max(3.2, 0.32 * k + 1.6)
+    fig = Figure(figsize=(side * len(metrics) + 0.6, side + 0.6), layout="constrained")
+    Canvas(fig)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, m in zip(axes, metrics):
+        A = np.full((k, k), np.nan)
+        np.fill_diagonal(A, 0.0 if m == "procrustes_angle" else 1.0)
+        for r in rows:
+            if r["metric"] == m:
+                i, j = pos[(r["file_a"], r["layer_a"])], pos[(r["file_b"], r["layer_b"])]
+                A[i, j] = A[j, i] = _value(r["value"])
+        lim = (0.0, math.pi / 2) if m == "procrustes_angle" else (0.0, 1.0)
+        im = ax.imshow(A, vmin=lim[0], vmax=lim[1], cmap="viridis_r" if m == "procrustes_angle" else "viridis")
+        ax.set_xticks(np.arange(k))
+        ax.set_yticks(np.arange(k))
+        ax.set_xticklabels(names, rotation=90, fontsize=7)
+        ax.set_yticklabels(names, fontsize=7)
+        ax.set_title(m + (" (radians)" if m == "procrustes_angle" else ""), fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    caption = ("Layer x layer similarity (similarity.csv): " + ", ".join(metrics)
+               + "; rows and columns are the compared (file, layer) pairs, the diagonal is identity.")
+    return {"similarity": (fig, caption)}
+
+
+def _scores_figures(table: MetricsTable, Figure, Canvas) -> dict:
+    """Histograms per subset of forgetting events, EL2N and AUM of the scores.csv of the runs the
+    analysed files come from (geomprobe.scores.find_run_scores); one row of panels per table."""
+    from .scores import find_run_scores, read_scores
+
+    paths = find_run_scores(table.files)
+    if not paths:
+        return {}
+    fig = Figure(figsize=(13, 3.4 * len(paths) + 0.4), layout="constrained")
+    Canvas(fig)
+    axes = fig.subplots(len(paths), 3, squeeze=False)
+    for row, p in zip(axes, paths):
+        t = read_scores(p)
+        c = t.columns
+        subsets = list(OrderedDict.fromkeys(c["subset"].tolist()))
+        panels = [("forgetting", "forgetting events (learned examples)"),
+                  ("el2n", f"EL2N at epoch {t.meta.get('el2n_epoch')}"), ("aum", "AUM (training-label margin)")]
+        for ax, (col, label) in zip(row, panels):
+            v = c[col].astype(float)
+            ok = ~np.isnan(v) & ((c["never_learned"] == 0) if col == "forgetting" else True)
+            if not ok.any():
+                ax.set_title(f"{col}: not recorded", fontsize=9)
+                continue
+            bins = np.histogram_bin_edges(v[ok], bins=30)
+            for sub in subsets:
+                m = ok & (c["subset"] == sub)
+                ax.hist(v[m], bins=bins, alpha=0.5, density=True, label=f"{sub} (n={int(m.sum())})")
+            ax.set_xlabel(label, fontsize=8)
+            ax.set_ylabel("density per subset", fontsize=8)
+            ax.set_title(f"{col}: {file_labels([str(p)])[str(p)] if len(paths) == 1 else p}", fontsize=8)
+            ax.legend(fontsize=7)
+    caption = ("Per-example memorisation scores per subset (" + ", ".join(map(str, paths))
+               + "; docs/companion.md): a memorised (e.g. permuted-label) subset has more forgetting events, "
+               "higher EL2N and lower AUM.")
+    return {"scores": (fig, caption)}
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from ._validation import InputError, check_labels, check_matrix
 from .registry import MetricInfo, register
 
 __all__ = ["forgetting_events", "ForgettingResult", "ForgettingState", "el2n", "aum_margin", "ScoreTable",
-           "read_scores", "write_scores", "score_summary", "ScoreSummary", "scores_rows", "SCORES_FILE",
+           "read_scores", "write_scores", "score_summary", "ScoreSummary", "scores_rows", "find_run_scores",
+           "score_metric_rows", "SCORES_FILE",
            "SCORES_META", "SCORE_COLUMNS", "METRICS"]
 
 SCORES_FILE = "scores.csv"
@@ -311,4 +312,32 @@ def scores_rows(table: ScoreTable) -> tuple[list[tuple[str, str, str, object, fl
     notes = []
     if table.meta.get("el2n_epoch") is not None:
         notes.append(f"scores: EL2N at epoch {table.meta['el2n_epoch']}, AUM over {table.meta.get('epochs')} epoch(s)")
+    return rows, notes
+
+
+def find_run_scores(files) -> list[Path]:
+    """The scores.csv of the runs the activation files come from (a run keeps its activation files in
+    OUT/ and the table in OUT/train/scores.csv or OUT/scores.csv), each once, in file order."""
+    found: list[Path] = []
+    for f in [files] if isinstance(files, (str, Path)) else files:
+        d = Path(f).parent
+        for cand in (d / SCORES_FILE, d / "train" / SCORES_FILE):
+            if cand.is_file() and cand not in found:
+                found.append(cand)
+                break
+    return found
+
+
+def score_metric_rows(files) -> tuple[list[dict], list[str]]:
+    """Rows in ``geomprobe analyze``'s format (file, layer, subset, metric, class, value) summarising
+    per subset the scores.csv of the runs that ``files`` come from (:func:`find_run_scores`); file is
+    the scores.csv path, layer 'scores' (the module name for score_grad_norm_mean). Empty without
+    tables."""
+    rows, notes = [], []
+    for p in find_run_scores(files):
+        r, n = scores_rows(read_scores(p))
+        rows += [{"file": str(p), "layer": layer, "subset": sub, "metric": metric,
+                  "class": "" if cls is None else str(cls), "value": None if math.isnan(v) else float(v)}
+                 for layer, sub, metric, cls, v in r]
+        notes += [f"{p}: {x}" for x in n]
     return rows, notes

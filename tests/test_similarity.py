@@ -154,3 +154,44 @@ def test_similarity_rows_refuses_other_examples(tmp_path, rng):
         similarity_rows([f1], layers=["zz"])
     with pytest.raises(InputError, match="scope must be one of"):
         similarity_rows([f1], scope="both")
+
+
+def test_plots_draw_the_similarity_heatmap_and_score_histograms(tmp_path, rng):
+    """geomprobe plot: similarity.csv -> a layer x layer heatmap (symmetric, identity diagonal); the
+    scores.csv of the analysed files' run -> per-subset histograms; score_* rows draw no line figure."""
+    pytest.importorskip("matplotlib")
+    from geomprobe.plots import build_figures, load_metrics
+    from geomprobe.scores import score_metric_rows, write_scores
+    from geomprobe.similarity import similarity_csv
+
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    acts = str(run / "acts_final.npz")
+    n = 30
+    sub = np.where(np.arange(n) < 10, "permuted", "unpermuted")
+    write_scores(run / "train", {"index": np.arange(n), "subset": sub, "label": np.zeros(n, int),
+                                 "true_label": np.zeros(n, int), "forgetting": np.where(sub == "permuted", 2, 0),
+                                 "never_learned": np.zeros(n, int), "first_learned": np.zeros(n, int),
+                                 "n_presented": np.full(n, 4), "el2n": rng.random(n), "aum": rng.random(n)},
+                 {"epochs": 4, "el2n_epoch": 1})
+    out = tmp_path / "analysis"
+    out.mkdir()
+    srows, _ = score_metric_rows([acts])
+    assert {"file": str(run / "train" / "scores.csv"), "layer": "scores", "subset": "permuted",
+            "metric": "score_forgetting_mean", "class": "", "value": 2.0} in srows
+    lines = ["file,layer,subset,metric,class,value"] + [f"{acts},{x},test,participation_ratio,,{v}"
+                                                        for x, v in (("a", 3.0), ("b", 2.0), ("c", 1.5))]
+    lines += [f"{r['file']},{r['layer']},{r['subset']},{r['metric']},{r['class']},{r['value']}" for r in srows]
+    (out / "metrics.csv").write_text("\n".join(lines) + "\n")
+    sim = [{"file_a": acts, "layer_a": a, "file_b": acts, "layer_b": b, "metric": m, "value": v}
+           for a, b, v in (("a", "b", 0.9), ("a", "c", 0.5), ("b", "c", 0.7))
+           for m in ("cka", "procrustes_angle")]
+    (out / "similarity.csv").write_text(similarity_csv(sim))
+    figs = build_figures(load_metrics(out))
+    assert set(figs) == {"other", "similarity", "scores"}  # no line figure of score_* rows
+    ax = figs["similarity"][0].axes[0]
+    A = ax.images[0].get_array()
+    assert A[0, 1] == A[1, 0] == 0.9 and A[1, 2] == 0.7 and A[0, 0] == 1.0
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+    assert len(figs["scores"][0].axes) == 3 and "permuted (n=10)" in [
+        t.get_text() for t in figs["scores"][0].axes[0].get_legend().get_texts()]
