@@ -2,6 +2,16 @@
 
     python bench/bench_mftma.py            # everything (scale case needs ~3 GB of RAM)
     python bench/bench_mftma.py --quick    # skip the N = 65,536 scale case
+    python bench/bench_mftma.py --scale [--cases 10x50,10x1000] [--old-rev REV] [--timeout S]
+
+--scale (issue 20): manifold_analysis (default options, float32 Gaussian clouds from gauss(), n_t = 200,
+n_reps = 10, N = 2048) for each case PxM, each in a fresh subprocess after a JIT warm-up, for this
+working tree ("new") and for the package at git revision REV ("old", default e52633f, before the
+anchor work of issue 20) exported with `git archive` into a temporary folder. Old and new run one after
+the other in the same invocation, so their ratio is measured under the same load; the table also gives
+the largest relative difference of the per-class alpha, R and D between old and new (same seed). A run
+longer than --timeout seconds (default 300) is stopped and reported as "> S". Default cases: the M
+curve at P = 10 (50, 200, 500, 1000, 2000) and the paper size P = 100, M = 50.
 
 Rows: whole manifold_analysis at P=100, M=50, N=2048 (n_t=200, n_reps=10) after JIT warm-up and its
 stages; per Gaussian sample fast solver vs the cvxpy path on the same manifolds; empirical_capacity on
@@ -29,6 +39,8 @@ from geomprobe._kernels.mftma_anchors import manifold_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared" / "reference" / "mftma"
+#: --scale default cases (P x M at N = 2048): the M curve at P = 10, then the paper size.
+SCALE_CASES = "10x50,10x200,10x500,10x1000,10x2000,100x50"
 
 
 def gauss(P, M, N, seed=0, dtype=np.float64):
@@ -52,7 +64,17 @@ def timeit(f, repeat=3):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip the N = 65,536 scale case")
+    ap.add_argument("--scale", action="store_true", help="issue 20 scale table, old vs new")
+    ap.add_argument("--old-rev", default="e52633f", help="git revision timed as 'old' by --scale")
+    ap.add_argument("--new-rev", default=None, help="git revision timed as 'new' (default: the working tree)")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per --scale run")
+    ap.add_argument("--cases", default=SCALE_CASES, help="--scale cases PxM, comma separated (N = 2048)")
+    ap.add_argument("--worker", nargs=3, metavar=("P", "M", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        return _worker(*map(int, args.worker))
+    if args.scale:
+        return _scale(args)
     rows = []
     print(f"# threads available: {len(os.sched_getaffinity(0))}", flush=True)
 
@@ -129,6 +151,74 @@ def main(argv=None):
     print(f"|{'-' * (w + 2)}|---|---|")
     for a, b, c in rows:
         print(f"| {a.ljust(w)} | {b} | {c} |")
+
+
+def _worker(P, M, N):
+    """One timed manifold_analysis in this process (after a JIT warm-up); prints a JSON line."""
+    X, y = gauss(P, M, N, seed=0, dtype=np.float32)
+    step = max(1, M // 20)
+    manifold_analysis(X[::step], y[::step], seed=1, n_t=20)         # JIT warm-up, every class
+    t0 = time.perf_counter()
+    r = manifold_analysis(X, y, seed=0)
+    out = {"t": time.perf_counter() - t0, "K": int(r.K), "capacity": float(r.capacity),
+           "per_class": np.concatenate([r.class_capacity, r.class_radius, r.class_dimension]).tolist()}
+    print(json.dumps(out), flush=True)
+
+
+def _scale(args):
+    import subprocess
+    import tempfile
+
+    cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
+    N = 2048
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {}
+        for which, rev in (("old", args.old_rev), ("new", args.new_rev)):
+            if rev is None:
+                trees[which] = str(ROOT)
+                continue
+            trees[which] = os.path.join(tmp, which)
+            os.mkdir(trees[which])
+            arch = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "geomprobe"],
+                                  check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", trees[which]], input=arch, check=True)
+        for path in trees.values():     # fill each tree's numba cache (not timed)
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "3", "20", "64"],
+                           env=dict(os.environ, PYTHONPATH=path), capture_output=True, cwd=tmp)
+        print(f"# threads available: {len(os.sched_getaffinity(0))}; load average "
+              f"{os.getloadavg()[0]:.1f}; old = {args.old_rev}, new = {args.new_rev or 'working tree'}; "
+              f"N = {N}", flush=True)
+        print("| P | M | old | new | old / new | K old / new | capacity old / new | max rel diff alpha_i, R_i, D_i |")
+        print("|---|---|---|---|---|---|---|---|", flush=True)
+        for P, M in cases:
+            res = {}
+            for which, path in trees.items():
+                env = dict(os.environ, PYTHONPATH=path)
+                try:
+                    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(P), str(M),
+                                        str(N)], env=env, capture_output=True, text=True, timeout=args.timeout,
+                                       cwd=tmp)
+                    res[which] = json.loads(p.stdout.strip().splitlines()[-1])
+                except subprocess.TimeoutExpired:
+                    res[which] = None
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    res[which] = {"error": str(exc)[:80]}
+            o, n = res["old"], res["new"]
+
+            def fmt(r):
+                return f"> {args.timeout:.0f} s" if r is None else f"{r['t']:.2f} s" if "t" in r else r.get("error", "?")
+
+            ok_o, ok_n = bool(o and "t" in o), bool(n and "t" in n)
+            ratio = (f"{o['t'] / n['t']:.1f}" if ok_o and ok_n else
+                     f"> {args.timeout / n['t']:.1f}" if o is None and ok_n else "-")
+            ks = f"{o['K'] if ok_o else '-'} / {n['K'] if ok_n else '-'}"
+            caps = f"{o['capacity']:.4f} / {n['capacity']:.4f}" if ok_o and ok_n else (
+                f"- / {n['capacity']:.4f}" if ok_n else "-")
+            diff = "-"
+            if ok_o and ok_n and o["K"] == n["K"]:
+                a, b = np.array(o["per_class"]), np.array(n["per_class"])
+                diff = f"{float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-300))):.1e}"
+            print(f"| {P} | {M} | {fmt(o)} | {fmt(n)} | {ratio} | {ks} | {caps} | {diff} |", flush=True)
 
 
 if __name__ == "__main__":

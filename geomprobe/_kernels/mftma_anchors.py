@@ -284,11 +284,11 @@ def gram(sD1):
 
 
 @njit(cache=True, nogil=True)
-def anchor_points_kernel(sD1, T, kappa, max_iter):
-    """One manifold: returns (alpha, R, D, anchors, is_qp, n_fail)."""
+def anchor_points_kernel(sD1, G, T, kappa, max_iter):
+    """One manifold with its Gram matrix G = sD1^T sD1 (symmetric, C order): returns
+    (alpha, R, D, anchors, is_qp, n_fail)."""
     d1, m = sD1.shape
     n_t = T.shape[1]
-    G = gram(sD1)
     anchors = np.empty((d1, n_t))
     is_qp = np.zeros(n_t, np.bool_)
     fails = _manifold_kernel(sD1, G, T, kappa, anchors, is_qp, max_iter)
@@ -297,14 +297,15 @@ def anchor_points_kernel(sD1, T, kappa, max_iter):
 
 
 @njit(cache=True, nogil=True)
-def manifold_metrics(sD1, T, kappa, max_iter):
-    """One manifold without keeping the anchors: (alpha, R, D, n_qp, n_fail). Releases the GIL so
-    that manifolds can be processed by a thread pool (results do not depend on the thread count)."""
-    d1, m = sD1.shape
-    n_t = T.shape[1]
-    G = gram(sD1)
-    anchors = np.empty((d1, n_t))
-    is_qp = np.zeros(n_t, np.bool_)
-    fails = _manifold_kernel(sD1, G, T, kappa, anchors, is_qp, max_iter)
-    alpha, R, Dm = anchor_metrics(T, anchors, kappa)
+def manifold_metrics_gram(sD1, G, T, kappa, max_iter):
+    """One manifold with its Gram matrix G = sD1^T sD1 (symmetric, C order), without keeping the
+    anchors: (alpha, R, D, n_qp, n_fail). Releases the GIL so that manifolds can be processed by a
+    thread pool (results do not depend on the thread count)."""
+    alpha, R, Dm, anchors, is_qp, fails = anchor_points_kernel(sD1, G, T, kappa, max_iter)
     return alpha, R, Dm, is_qp.sum(), fails
+
+
+@njit(cache=True, nogil=True)
+def manifold_metrics(sD1, T, kappa, max_iter):
+    """manifold_metrics_gram with the Gram matrix formed here (gram)."""
+    return manifold_metrics_gram(sD1, gram(sD1), T, kappa, max_iter)

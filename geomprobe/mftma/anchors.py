@@ -20,6 +20,17 @@ def nnls_max_iter(m: int) -> int:
     return 50 * m + 1000
 
 
+def anchor_gram(sD1: np.ndarray) -> np.ndarray:
+    """G = sD1^T sD1 (m x m, C order, exactly symmetric) of one prepared manifold, formed once and
+    reused by all its samples. numpy computes A^T A of one buffer with a BLAS rank-k update (syrk,
+    half the work of a general product; GIL released) and mirrors the triangle; the mirror is
+    enforced here in case a numpy build does not."""
+    G = np.ascontiguousarray(sD1.T @ sD1)
+    if not np.array_equal(G, G.T):
+        G = np.triu(G) + np.triu(G, 1).T
+    return G
+
+
 @dataclass(frozen=True)
 class AnchorResult:
     """Per-manifold MFTMA quantities from given t-vectors.
@@ -61,7 +72,8 @@ def anchor_points(sD1, T, kappa: float = 0.0, *, solver: str = "fast") -> Anchor
     solver = check_choice(solver, "solver", SOLVERS)
     sD1, T, kappa = check_sd1(sD1, T, kappa)
     if solver == "fast":
-        alpha, R, D, anchors, is_qp, fails = anchor_points_kernel(sD1, T, kappa, nnls_max_iter(sD1.shape[1]))
+        alpha, R, D, anchors, is_qp, fails = anchor_points_kernel(sD1, anchor_gram(sD1), T, kappa,
+                                                                   nnls_max_iter(sD1.shape[1]))
         if fails:
             raise AnalysisError(
                 f"the active-set anchor solver did not converge on {fails} of {T.shape[1]} samples "

@@ -11,7 +11,7 @@ import numpy as np
 import scipy.linalg
 from scipy.special import ndtr
 
-from .._kernels.mftma_anchors import anchor_metrics, manifold_metrics
+from .._kernels.mftma_anchors import anchor_metrics, manifold_metrics_gram
 from .._validation import (
     AnalysisError,
     InputError,
@@ -21,7 +21,7 @@ from .._validation import (
     check_seed,
 )
 from ._data import Manifolds, as_manifolds, blas_threads, n_workers
-from .anchors import SOLVERS, cvxpy_anchors, nnls_max_iter
+from .anchors import SOLVERS, anchor_gram, cvxpy_anchors, nnls_max_iter
 from .centers import fit_center_model, qr_signs
 
 
@@ -181,6 +181,12 @@ def _prepare_reference(Xi: np.ndarray, xbar: np.ndarray, V11: np.ndarray) -> np.
         Qs = scipy.linalg.qr(S, mode="economic")[0]
         S = Qs.T @ S
     return np.vstack([S, np.ones((1, S.shape[1]))])
+
+
+def manifold_metrics(sD1: np.ndarray, T: np.ndarray, kappa: float, max_iter: int):
+    """(alpha, R, D, n_qp, n_fail) of one prepared manifold: its Gram matrix formed once (anchor_gram,
+    BLAS) and reused by the anchor kernel for all n_t samples."""
+    return manifold_metrics_gram(sD1, anchor_gram(sD1), T, kappa, max_iter)
 
 
 SEED_MODES = ("spawn", "reference")
