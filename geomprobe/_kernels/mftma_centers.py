@@ -155,12 +155,109 @@ def _proj(V, X):
 
 
 @njit(cache=True, nogil=True)
+def _proj_stiefel(V, U):
+    """pymanopt 0.2.5's Stiefel projection (also its vector transport): U - V sym(V^T U),
+    sym(A) = (A + A^T) / 2. For K = 1 it equals (I - V V^T) U; for K >= 2 it keeps the symmetric
+    part's complement of V^T U inside span(V) (the two differ when V^T U is not symmetric, as for a
+    direction transported from another point)."""
+    A = np.dot(V.T, U)
+    return U - np.dot(V, 0.5 * (A + A.T))
+
+
+@njit(cache=True, nogil=True)
+def _qr_retract_lapack(A):
+    """pymanopt 0.2.5's Stiefel retraction: Q of numpy's (LAPACK Householder) thin QR of A with the
+    columns whose R diagonal is negative flipped (sign(sign(r_kk) + 0.5): a zero diagonal keeps +)."""
+    Qf, R = np.linalg.qr(A)
+    Q = np.ascontiguousarray(Qf)
+    for k in range(Q.shape[1]):
+        if R[k, k] < 0.0:
+            for i in range(Q.shape[0]):
+                Q[i, k] = -Q[i, k]
+    return Q
+
+
+@njit(cache=True, nogil=True)
 def _start(Y, C, V0):
     """Optimiser start: (V = a copy of V0, Y^T contiguous, cost at V0, Riemannian gradient at V0)."""
     V = V0.copy()
     YT = np.ascontiguousarray(Y.T)
     f, eg = _cost_grad(Y, YT, C, V, True)
     return V, YT, f, _proj(V, eg)
+
+
+@njit(cache=True, nogil=True)
+def fit_frame_pymanopt(Y, C, V0, max_iter, gtol, min_step):
+    """pymanopt 0.2.5's ConjugateGradient().solve on Stiefel(n, K) from V0, to the letter (the
+    reference's optimiser, seed_mode="reference"); returns (V, cost, iterations, final gradient norm).
+
+    Riemannian gradient and vector transport: _proj_stiefel (U - V sym(V^T U)); retraction:
+    _qr_retract_lapack; Hestenes-Stiefel beta = max(0, <g+, g+ - T(g)> / <g+ - T(g), T(d)>)
+    (0 when the denominator is 0), steepest descent when d is not a descent direction; the adaptive
+    line search (first trial 1 / ||d||, then the previous step, doubled unless one contraction was
+    needed; sufficient decrease 0.5, contraction 0.5, at most 10 contractions; a failed search
+    keeps the point with step 0). Stopping is tested before each iteration in pymanopt's order:
+    iterations + 1 >= max_iter, gradient norm < gtol, last step length < min_step.
+    """
+    V = V0.copy()
+    YT = np.ascontiguousarray(Y.T)
+    f, eg = _cost_grad(Y, YT, C, V, True)
+    if not np.isfinite(f):
+        return V, f, 0, np.inf
+    g = _proj_stiefel(V, eg)
+    gg = np.sum(g * g)
+    gn = np.sqrt(gg)
+    d = -g
+    old_alpha = -1.0
+    step = np.nan
+    it = 0
+    while True:
+        if it + 1 >= max_iter or gn < gtol or step < min_step:
+            break
+        df0 = np.sum(g * d)
+        if df0 >= 0.0:
+            d = -g
+            df0 = -gg
+        dn = np.sqrt(np.sum(d * d))
+        alpha = old_alpha if old_alpha >= 0.0 else 1.0 / dn
+        Vn = _qr_retract_lapack(V + alpha * d)
+        fn, egn = _cost_grad(Y, YT, C, Vn, True)
+        evals = 1
+        while fn > f + 0.5 * alpha * df0 and evals <= 10:
+            alpha *= 0.5
+            Vn = _qr_retract_lapack(V + alpha * d)
+            fn, egn = _cost_grad(Y, YT, C, Vn, True)
+            evals += 1
+        if fn > f:
+            alpha = 0.0
+            Vn = V
+            fn = f
+            egn = eg
+        step = alpha * dn
+        old_alpha = alpha if evals == 2 else 2.0 * alpha
+        gnew = _proj_stiefel(Vn, egn)
+        ggn = np.sum(gnew * gnew)
+        gt = _proj_stiefel(Vn, g)        # transported old gradient
+        dt = _proj_stiefel(Vn, d)        # transported old direction
+        diff = gnew - gt
+        den = np.sum(diff * dt)
+        num = np.sum(gnew * diff)
+        beta = 0.0
+        if den != 0.0:
+            beta = num / den
+            if not beta > 0.0:
+                beta = 0.0
+        elif num > 0.0:
+            beta = np.inf        # numpy's x / 0.0 (pymanopt catches only ZeroDivisionError)
+        d = -gnew + beta * dt
+        V = Vn
+        f = fn
+        eg = egn
+        g = gnew
+        gg = ggn
+        gn = np.sqrt(ggn)
+        it += 1
+    return V, f, it, gn
 
 
 @njit(cache=True, nogil=True)
@@ -176,10 +273,10 @@ def fit_frame_cg(Y, C, V0, max_iter, gtol, min_step, exact=False):
     makes the fit converge on small problems. Stops when the gradient norm is <= gtol, the step
     length is < min_step, a retried line search fails, or after max_iter iterations.
 
-    exact=True follows pymanopt 0.2.5 to the letter (seed_mode="reference"): no retry (a failed line
-    search ends the fit at the current point), a step shorter than min_step is taken before
-    stopping, and at most max_iter - 1 iterations (pymanopt tests iter + 1 >= maxiter).
+    exact=True: fit_frame_pymanopt (pymanopt 0.2.5 to the letter, seed_mode="reference").
     """
+    if exact:
+        return fit_frame_pymanopt(Y, C, V0, max_iter, gtol, min_step)
     V, YT, f, g = _start(Y, C, V0)
     if not np.isfinite(f):
         return V, f, 0, np.inf
@@ -296,9 +393,10 @@ def fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step):
     step, y = new Riemannian gradient - old one, no vector transport; a pair is kept only when
     <s, y> > 0), initial scaling <s, y> / <y, y>, direction projected onto the tangent space (steepest
     descent when it is not a descent direction, memory cleared); unit first trial step, halved until
-    the Armijo condition holds (at most 40 halvings); QR retraction. Stops when the Riemannian
-    gradient norm is <= gtol, the step is shorter than min_step, the line search fails, or after
-    max_iter iterations. Same stopping tolerance as the CG, about 0.5x its cost evaluations.
+    the Armijo condition holds (at most 40 halvings; when that fails along a quasi-Newton direction
+    the memory is cleared and the iteration retried along -g); QR retraction. Stops when the
+    Riemannian gradient norm is <= gtol, the step is shorter than min_step, a steepest-descent line
+    search fails, or after max_iter iterations. Same stopping tolerance as the CG, about 0.5x its cost evaluations.
     """
     n, K = V0.shape
     mem = LBFGS_MEMORY
@@ -314,6 +412,7 @@ def fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step):
     cnt = 0
     head = 0
     gamma = -1.0
+    restarted = False
     it = 0
     while it < max_iter and np.sqrt(gg) > gtol:
         it += 1
@@ -343,7 +442,12 @@ def fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step):
             fn, egn = _cost_grad(Y, YT, C, Vn, True)
             halvings += 1
         if not fn <= f + LBFGS_ARMIJO * alpha * df0:
-            break
+            if cnt == 0:
+                break
+            # the quasi-Newton direction failed: forget the memory and retry along -g once
+            cnt = 0
+            gamma = -1.0
+            continue
         step = alpha * np.sqrt(_dot(d, d))
         gn = _proj_small(Vn, egn)
         s_new = d.copy()
@@ -363,7 +467,14 @@ def fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step):
         g = gn
         gg = _dot(g, g)
         if step < min_step:
-            break
+            if cnt == 0 or restarted:
+                break
+            # a vanishing quasi-Newton step (badly scaled memory): forget it and go on
+            cnt = 0
+            gamma = -1.0
+            restarted = True
+        else:
+            restarted = False
     return V, f, it, np.sqrt(gg)
 
 
@@ -371,10 +482,10 @@ def fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step):
 def fit_frame(Y, C, V0, max_iter, gtol, min_step, exact=False):
     """Fit the frame from V0: (V, cost, iterations, final gradient norm).
 
-    exact=True: pymanopt 0.2.5's conjugate gradient to the letter (fit_frame_cg), for
+    exact=True: pymanopt 0.2.5's conjugate gradient to the letter (fit_frame_pymanopt), for
     seed_mode="reference". exact=False: Riemannian L-BFGS (fit_frame_lbfgs)."""
     if exact:
-        return fit_frame_cg(Y, C, V0, max_iter, gtol, min_step, True)
+        return fit_frame_pymanopt(Y, C, V0, max_iter, gtol, min_step)
     return fit_frame_lbfgs(Y, C, V0, max_iter, gtol, min_step)
 
 

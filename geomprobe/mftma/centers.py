@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
-from .._kernels.mftma_centers import fit_and_score, residual_stats
+from .._kernels.mftma_centers import center_cost_grad, fit_and_score, residual_stats
 from .._validation import AnalysisError, InputError
 from ._data import blas_threads, n_workers
 
@@ -23,6 +23,50 @@ CG_MIN_STEP = 1e-10
 #: A K whose best fit leaves some center with less than this fraction of its norm is invalid
 #: (its residual cosines are undefined; happens for K = P-1, where every center direction is removed).
 MIN_STABILITY = 1e-8
+
+# Default rule (seed_mode="spawn"; docs/metrics.md, "MFTMA center model"): rank K by a loose scan,
+# then for the candidate K keep the lowest-cost CONVERGED fit, restarting until a second fit reaches
+# that minimum (or the budget is spent).
+#: Restarts per batch: fits run two at a time (one per core) whatever the thread count, so the
+#: number of fits, hence every result, does not depend on it.
+FIT_BATCH = 2
+#: A fit is converged when its Riemannian gradient norm is <= gtol * max(1, P / GTOL_P): the cost
+#: sums P^2 squared cosines, so an absolute 1e-6 asks far more digits of a P = 1,000 fit than of a
+#: P = 10 fit (at P = 1,000, 5e-5 leaves res_coeff within 3e-7 relative of the 1e-6 fit).
+GTOL_P = 20.0
+#: ... and the optimiser stops there; but rounding can stop the line search first where the cost is
+#: stiff (a center whose residual is short: cos^2 terms with curvature ~1e3 put the attainable gradient
+#: norm at sqrt(curvature * eps * cost) ~ 1e-5). A fit counts as converged when its final gradient
+#: norm is <= CONV_SLACK times that tolerance and it did not stop at the iteration cap; the aborted
+#: fits that the reference's stability rule favours stop with gradient norms of 1e-1 to 1e2.
+CONV_SLACK = 100.0
+#: The K scan fits n_scan = max(1, min(n_reps, ceil(SMALL_P_FITS / P))) starts per K (10 at P <= 10,
+#: 4 at P = 30, 1 from P = 100: small problems are cheap and multimodal) to a loose tolerance
+#: (SCAN_GTOL times the convergence tolerance, at most SCAN_MAX_ITER iterations): enough to rank the K.
+SMALL_P_FITS = 100
+SCAN_GTOL = 10.0
+SCAN_MAX_ITER = 200
+#: Candidate K (scan res_coeff within RES_TIE_RTOL of the lowest; at most MAX_CANDIDATES of them, lowest
+#: first) are then refitted to full tolerance: once from their scan frame, then from random frames,
+#: FIT_BATCH at a time, n_min = max(2, ceil(CONFIRM_FITS / P)) fits at least (20 at P = 20, 4 at
+#: P = 100, 2 from P = 200: small problems are multimodal and cheap), and more until a second fit
+#: reaches the lowest-cost minimum or n_max = max(n_min, min(n_reps, ceil(n_reps (CONFIRM_P / P)^2)))
+#: fits of that K are spent (a fit costs O(P^2 K) per iteration: n_reps up to P = 100, 2 from P = 224).
+CONFIRM_FITS = 400
+MAX_CANDIDATES = 3
+CONFIRM_P = 100.0
+#: Two converged fits reach the same minimum when their costs agree to COST_RTOL (relative) and the
+#: largest principal angle between their frames has sine <= FRAME_SIN_TOL.
+COST_RTOL = 1e-7
+FRAME_SIN_TOL = 1e-2
+#: Distinct minima whose costs lie within NEAR_RTOL (relative) of the lowest make K's fit not unique.
+NEAR_RTOL = 1e-5
+#: A K whose res_coeff is within this relative distance of the minimum is a near-tie: another seed's
+#: restarts may well select it, so it joins the alternative center models.
+RES_TIE_RTOL = 5e-3
+#: At most this many alternative center models (other frames or K that other restarts would have
+#: given) are re-analysed for the center model's share of the standard errors.
+MAX_ALTERNATIVES = 4
 
 
 @dataclass(frozen=True)
@@ -38,6 +82,13 @@ class CenterModel:
     n_fits: int
     cg_iterations: int
     notes: tuple[str, ...] = field(default_factory=tuple)
+    cost: np.ndarray = field(default_factory=lambda: np.zeros(0))       # kept fit's cost per K tried
+    confirmed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # min reached twice (default rule)
+    fits_per_K: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    #: other (K, V11) that restarts gave with (near-)equal standing where the fit is not unique
+    #: (default rule); manifold_analysis re-analyses them for the center model's share of the SEs
+    alternatives: tuple = ()
+    degenerate: bool = False     # the selected K's fit is not unique (see notes)
 
 
 def qr_signs(R: np.ndarray) -> np.ndarray:
@@ -119,10 +170,12 @@ def fit_center_model(centers: np.ndarray, rng: np.random.Generator | np.random.R
                      n_threads: int = 1) -> CenterModel:
     """rho_c and the center model of the (P, N) float64 centers (rows in the caller's order).
 
-    K=None selects K = argmin res_coeff over K = 1..maxK (reference rule: best-stability rep per K,
-    early stop after three strict increases); an int fixes K (0 = remove nothing).
+    K=None selects K = argmin res_coeff over the K scanned; an int fixes K (0 = remove nothing).
 
-    rng a Generator: starts s^T Y plus the previous K's frame (one block of normals drawn up front).
+    rng a Generator (default, seed_mode="spawn"): a loose scan of K ranks them, then for the candidate
+    K the lowest-cost converged fit, confirmed by a second restart (_fit_min_cost; n_reps bounds the
+    restarts per candidate K, see CONFIRM_FITS). Not the reference's rule: docs/metrics.md, "MFTMA
+    center model".
     rng a legacy RandomState (seed_mode="reference"): the reference's draws and starts exactly. For
     each K tried and each rep it draws randn(P, 1) (the reference's s, whose start it then discards)
     and randn(n, K), whose unsigned QR factor is the start (pymanopt 0.2.5's Stiefel.rand(), as
@@ -153,11 +206,12 @@ def fit_center_model(centers: np.ndarray, rng: np.random.Generator | np.random.R
         raise InputError(
             f"K must be between 0 and {n} (P = {P} classes, N = {N} features), got {K}"
         )
+    if not reference:
+        return _fit_min_cost(Y, C, Q, N, rho_c, max_k, max_k_ref, notes, rng, n_reps=n_reps, K=K,
+                             max_iter=max_iter, gtol=gtol, min_step=min_step, n_threads=n_threads)
     last = max_k if (K is None or reference) else K
     if reference and K is not None and K > last:
         last = K
-    if not reference:
-        starts = rng.standard_normal((max(last, 1), n_reps, P))
     res, stab, ratio, frames = [], [], [], []
     n_fits = 0
     iters = 0
@@ -179,12 +233,8 @@ def fit_center_model(centers: np.ndarray, rng: np.random.Generator | np.random.R
                 break
             V0s = np.empty((n_reps, n, k))
             for r in range(n_reps):
-                if reference:
-                    rng.randn(P, 1)                           # the reference's unused s
-                    V0s[r] = np.linalg.qr(rng.randn(n, k))[0]  # pymanopt Stiefel(n, k).rand()
-                else:
-                    A = np.concatenate([(starts[k - 1, r] @ Y)[:, None], Vprev], axis=1)
-                    V0s[r] = _sign_fixed_qr(A)[0]
+                rng.randn(P, 1)                           # the reference's unused s
+                V0s[r] = np.linalg.qr(rng.randn(n, k))[0]  # pymanopt Stiefel(n, k).rand()
             if pool is not None:
                 fits = list(pool.map(lambda r: fit_and_score(Y, C, V0s[r], max_iter, gtol, min_step,
                                                              reference), range(n_reps)))
@@ -240,3 +290,285 @@ def fit_center_model(centers: np.ndarray, rng: np.random.Generator | np.random.R
         max_K_reference=max_k_ref, res_coeff=res_arr, stability=np.array(stab),
         norm_coeff=np.array(ratio), n_fits=n_fits, cg_iterations=iters, notes=tuple(notes),
     )
+
+
+def _sin_angle(A: np.ndarray, B: np.ndarray) -> float:
+    """Sine of the largest principal angle between span(A) and span(B) (orthonormal, same shape)."""
+    sv = np.linalg.svd(A.T @ B, compute_uv=False)
+    return float(np.sqrt(max(0.0, 1.0 - float(sv.min()) ** 2))) if sv.size else 0.0
+
+
+def welch_res_bound(P: int, dim: int) -> float:
+    """Lower bound on res_coeff (mean |off-diagonal cosine|) of ANY P vectors in `dim` dimensions:
+    mean |cos| >= mean cos^2 >= (P / dim - 1) / (P - 1) (Welch's bound sum_{a != b} cos^2 >= P^2/dim - P).
+    0 when dim >= P. It grows with K (dim = n - K), so once it exceeds the best res_coeff found, no
+    larger K can be selected."""
+    if dim <= 0:
+        return np.inf
+    return max(0.0, (P / dim - 1.0) / (P - 1.0))
+
+
+def _cluster(fits: list[dict], f_scale: float) -> list[dict]:
+    """Group converged fits that reached the same minimum (cost within COST_RTOL, frames within
+    FRAME_SIN_TOL); clusters sorted by cost, each represented by its lowest-cost fit."""
+    clusters: list[dict] = []
+    for fit in sorted((f for f in fits if f["converged"]), key=lambda f: (f["cost"], f["index"])):
+        for c in clusters:
+            if (abs(fit["cost"] - c["cost"]) <= COST_RTOL * f_scale
+                    and _sin_angle(fit["V"], c["V"]) <= FRAME_SIN_TOL):
+                c["members"].append(fit)
+                break
+        else:
+            clusters.append({"cost": fit["cost"], "V": fit["V"], "fit": fit, "members": [fit]})
+    return clusters
+
+
+def _fit_min_cost(Y, C, Q, N, rho_c, max_k, max_k_ref, notes, rng, *, n_reps, K, max_iter, gtol,
+                  min_step, n_threads) -> CenterModel:
+    """The default center model: for each K the lowest-cost converged fit, confirmed by a restart.
+
+    Every fit is an L-BFGS run to gradient norm gtol * max(1, P / GTOL_P) (converged: see
+    CONV_SLACK) on the one factorisation (Y, C = Y Y^T) of the centers, O(P^2 K) per cost and gradient.
+
+    1. Scan (K=None): K = 1, 2, ... with n_scan = max(1, min(n_reps, ceil(SMALL_P_FITS / P))) fits
+       each; for K >= 2 the first start is warm (the previous K's kept frame plus one random
+       direction s^T Y), the others random orthonormal frames Y^T S (S standard normal P x K). The
+       scan stops at maxK, at the reference's early stop (res_coeff rose on 3 steps in a row after
+       K = 4), or when Welch's lower bound on res_coeff for the next K exceeds the best res_coeff
+       found (welch_res_bound): no larger K can then be selected.
+    2. Confirmation: for the candidate K (the argmin of res_coeff and every K within RES_TIE_RTOL of
+       it; with K fixed only K, from random starts), random restarts FIT_BATCH at a time until a
+       second fit, at least one of the two from a random start, reaches the lowest-cost converged
+       minimum (_cluster), or max(n_scan, n_reps) fits of that K are spent. A lower minimum found here
+       replaces the K's frame and res_coeff; new candidates are confirmed in turn.
+    Aborted fits (iteration cap, failed line search) are never kept while a converged fit exists.
+    The warm start only speeds the search: a minimum found by it alone is not confirmed.
+    """
+    P, n = Y.shape
+    gtol_eff = gtol * max(1.0, P / GTOL_P)
+    n_scan = max(1, min(n_reps, -(-SMALL_P_FITS // P)))
+    n_min = max(2, -(-CONFIRM_FITS // P))
+    n_max = max(n_min, min(n_reps, int(np.ceil(n_reps * (CONFIRM_P / P) ** 2))))
+    last = max_k if K is None else K
+    slots: dict[int, dict] = {}
+    counters = {"fits": 0, "iters": 0}
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if n_threads > 1 and last >= 1:
+            stack.enter_context(blas_threads(1))
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=min(FIT_BATCH, n_threads)))
+
+        def fits_from(k: int, n_new: int, Vwarm, tol: float, cap: int) -> list[dict]:
+            """n_new fits of K = k, the first from Vwarm when given (a frame of k or k - 1 columns; a
+            missing column is one random direction s^T Y), the others from random frames Y^T S. The
+            starts are drawn here, in order, so results do not depend on the thread count."""
+            starts = []
+            for j in range(n_new):
+                warm = j == 0 and Vwarm is not None
+                if warm and Vwarm.shape[1] == k:
+                    A = Vwarm
+                elif warm:
+                    A = np.concatenate([Vwarm, (rng.standard_normal(P) @ Y)[:, None]], axis=1)
+                else:
+                    A = Y.T @ rng.standard_normal((P, k))
+                starts.append((warm, _sign_fixed_qr(A)[0]))
+            fit = lambda st: fit_and_score(Y, C, st[1], cap, tol, min_step, False)
+            outs = list(pool.map(fit, starts)) if pool is not None and n_new > 1 else [fit(st) for st in starts]
+            new = []
+            for (warm, _), (V, f, it, rc, st) in zip(starts, outs):
+                gn = _grad_norm(Y, C, V)
+                new.append({"warm": warm, "V": V, "cost": float(f), "stab": float(st),
+                            "converged": bool(np.isfinite(f) and it < cap and gn <= CONV_SLACK * tol)})
+                counters["iters"] += int(it)
+            counters["fits"] += n_new
+            return new
+
+        def score(slot: dict, kept) -> None:
+            slot["kept"] = kept
+            slot["valid"] = kept is not None and kept["stab"] >= MIN_STABILITY
+            slot["res"] = residual_stats(Y, C, kept["V"]) if slot["valid"] else (np.nan, 0.0, 0.0)
+
+        def lowest(fits: list[dict]):
+            ok = [f for f in fits if np.isfinite(f["cost"])]
+            conv = [f for f in ok if f["converged"]]
+            return min(conv or ok, key=lambda f: f["cost"]) if ok else None
+
+        def refine(k: int, n_new: int, Vwarm=None) -> None:
+            """More full-tolerance fits of K = k; keep the lowest-cost converged minimum (_cluster)."""
+            slot = slots.setdefault(k, {"scan": [], "fits": [], "clusters": [], "confirmed": False})
+            for f in fits_from(k, n_new, Vwarm, gtol_eff, max_iter):
+                f["index"] = len(slot["fits"])
+                slot["fits"].append(f)
+            finite = [f["cost"] for f in slot["fits"] if np.isfinite(f["cost"])]
+            slot["clusters"] = _cluster(slot["fits"], max(1.0, min(finite)) if finite else 1.0)
+            if slot["clusters"]:
+                best = slot["clusters"][0]["members"]
+                slot["confirmed"] = len(best) >= 2 and any(not m["warm"] for m in best)
+                score(slot, slot["clusters"][0]["fit"])
+            else:
+                score(slot, lowest(slot["fits"]))
+
+        def res_of(k):
+            return slots[k]["res"][0] if k in slots and slots[k]["valid"] else np.nan
+
+        # 1. scan (loose tolerance): rank the K
+        if K is None:
+            Vprev = None
+            for k in range(1, last + 1):
+                slot = slots.setdefault(k, {"scan": [], "fits": [], "clusters": [], "confirmed": False})
+                if k >= n:
+                    notes.append(f"K = {k} skipped: it removes every center direction (P = {P})")
+                    score(slot, None)
+                    break
+                slot["scan"] = fits_from(k, n_scan, Vprev, SCAN_GTOL * gtol_eff, SCAN_MAX_ITER)
+                score(slot, lowest(slot["scan"]))
+                if not slot["valid"]:
+                    notes.append(f"K = {k} skipped: every fit removes a center entirely")
+                    break
+                Vprev = slot["kept"]["V"]
+                res = [res_of(j) for j in range(1, k + 1)]
+                if k > 4 and res[k - 1] > res[k - 2] > res[k - 3] > res[k - 4]:
+                    break
+                if welch_res_bound(P, n - k - 1) > np.nanmin(res):
+                    if k < last:
+                        notes.append(f"K scan stopped after K = {k}: Welch's bound on res_coeff for "
+                                     f"K >= {k + 1} exceeds the best res_coeff {np.nanmin(res):.4g}")
+                    break
+        # 2. candidates: full tolerance, restarts until the lowest-cost minimum is reached twice
+        done: set[int] = set()
+        while True:
+            if K is None:
+                tried = sorted(k for k in slots if slots[k]["valid"])
+                if not tried:
+                    break
+                res = np.array([res_of(k) for k in tried])
+                order = np.argsort(res, kind="stable")
+                cands = [tried[i] for i in order[:MAX_CANDIDATES] if res[i] <= res[order[0]] * (1.0 + RES_TIE_RTOL)]
+            else:
+                cands = [K] if K > 0 else []
+            todo = [k for k in cands if k not in done]
+            if not todo:
+                break
+            for k in todo:
+                sl = slots.setdefault(k, {"scan": [], "fits": [], "clusters": [], "confirmed": False})
+                if sl["scan"] and sl["kept"] is not None:
+                    refine(k, 1, sl["kept"]["V"])       # polish the scan's frame
+                while (len(slots[k]["fits"]) < n_min
+                       or (not slots[k]["confirmed"] and len(slots[k]["fits"]) < n_max)):
+                    refine(k, FIT_BATCH)
+                done.add(k)
+    n_tried = max(slots) if slots else 0
+    res_arr = np.array([res_of(k) for k in range(1, n_tried + 1)], dtype=float)
+    for k in range(1, n_tried + 1):
+        sl = slots.get(k)
+        if sl is not None and k in done and sl["fits"] and not sl["clusters"]:
+            notes.append(f"K = {k}: none of {len(sl['fits'])} fits converged (gradient norm > "
+                         f"{CONV_SLACK * gtol_eff:.2g}); the lowest-cost fit is kept")
+
+    def frame(k):
+        sl = slots.get(k)
+        return sl["kept"]["V"] if sl is not None and sl["valid"] else None
+
+    if K is None:
+        if np.all(np.isnan(res_arr)):
+            K_sel = 0
+            notes.append(f"no valid K in 1..{max_k}: no center subspace removed (K = 0)")
+        else:
+            K_sel = int(np.nanargmin(res_arr)) + 1
+    else:
+        K_sel = K
+        if K > 0 and frame(K) is None:
+            raise AnalysisError(
+                f"K = {K} is not usable for these centers: fitting it removes a center entirely "
+                f"(P = {P}, center rank {n})"
+            )
+    # other center models that other restarts would have given: the next-lowest minima of a K whose
+    # fit is not unique (reached once, or distinct minima within NEAR_RTOL), substituted for that K's
+    # kept fit, and the K it then selects; near-tie K (res_coeff within RES_TIE_RTOL)
+    alts: list[tuple[int, np.ndarray, float]] = []
+    degenerate_k = []
+    for k in sorted(slots):
+        sl = slots[k]
+        if not sl["valid"] or not sl["clusters"]:
+            continue
+        kept_cost = sl["kept"]["cost"]
+        near = [c for c in sl["clusters"][1:]
+                if not sl["confirmed"] or c["cost"] - kept_cost <= NEAR_RTOL * max(1.0, kept_cost)]
+        if k in done and (not sl["confirmed"] or near):
+            degenerate_k.append(k)
+        for c in near[:MAX_ALTERNATIVES]:
+            if k not in done:
+                continue
+            rc_c = residual_stats(Y, C, c["V"])[0]
+            if K is None:
+                r2 = res_arr.copy()
+                r2[k - 1] = rc_c
+                k_alt = int(np.nanargmin(r2)) + 1
+            else:
+                k_alt = K_sel
+            if k_alt == k:
+                alts.append((k, c["V"], c["cost"]))
+            elif k_alt != K_sel and frame(k_alt) is not None:
+                alts.append((k_alt, frame(k_alt), slots[k_alt]["kept"]["cost"]))
+    seen = set()
+    uniq = []
+    for k_a, V_a, c_a in sorted(alts, key=lambda a: (a[0] != K_sel, a[2])):
+        key = (k_a, round(c_a, 9))
+        if key in seen or (k_a == K_sel and V_a is frame(K_sel)):
+            continue
+        seen.add(key)
+        uniq.append((k_a, V_a))
+    uniq = uniq[:MAX_ALTERNATIVES]
+    ties = []
+    if K is None and K_sel > 0:
+        for k in range(1, n_tried + 1):
+            if (k != K_sel and frame(k) is not None
+                    and res_arr[k - 1] <= res_arr[K_sel - 1] * (1.0 + RES_TIE_RTOL)
+                    and all(a[0] != k for a in uniq)):
+                ties.append((k, frame(k)))
+    uniq = (uniq + ties)[:MAX_ALTERNATIVES]
+    conf_sel = K_sel > 0 and slots[K_sel]["confirmed"]
+    if K is None and K_sel > 0 and not conf_sel and not uniq:
+        # the selected K's minimum was reached once and no other converged minimum stands beside it:
+        # the runner-up K (next lowest res_coeff) is what another seed may well select
+        order = [int(k) for k in np.argsort(np.where(np.isnan(res_arr), np.inf, res_arr)) if np.isfinite(res_arr[k])]
+        if len(order) > 1 and frame(order[1] + 1) is not None:
+            uniq.append((order[1] + 1, frame(order[1] + 1)))
+    degenerate = bool(K_sel > 0 and (K_sel in degenerate_k or uniq))
+    if degenerate:
+        k_list = sorted({a[0] for a in uniq} | {K_sel})
+        why = []
+        if not conf_sel:
+            why.append(f"no second of {len(slots[K_sel]['fits'])} restarts reached the lowest-cost frame "
+                       f"at K = {K_sel}")
+        if ties:
+            why.append(f"res_coeff of K = {', '.join(str(t[0]) for t in ties)} within "
+                       f"{RES_TIE_RTOL:.1%} of the minimum at K = {K_sel}")
+        if len(uniq) > len(ties):
+            why.append(f"{len(uniq) - len(ties)} other restart minima of near-equal standing (K in {k_list})")
+        notes.append("near-degenerate center geometry: " + "; ".join(why) + "; the standard errors "
+                     "include the spread over these center models")
+    V11 = np.zeros((N, 0)) if K_sel == 0 else Q @ frame(K_sel)
+    alternatives = tuple((k_a, np.ascontiguousarray(Q @ V_a)) for k_a, V_a in uniq)
+    ks = range(1, n_tried + 1)
+    get = lambda k, key, dflt: slots[k][key] if k in slots and slots[k].get(key) is not None else dflt
+    return CenterModel(
+        rho_c=float(rho_c), K=K_sel, V11=np.ascontiguousarray(V11), max_K=max_k,
+        max_K_reference=max_k_ref, res_coeff=res_arr,
+        stability=np.array([get(k, "res", (0, 0.0, 0))[1] for k in ks], dtype=float),
+        norm_coeff=np.array([get(k, "res", (0, 0, 0.0))[2] for k in ks], dtype=float),
+        n_fits=counters["fits"], cg_iterations=counters["iters"], notes=tuple(notes),
+        cost=np.array([slots[k]["kept"]["cost"] if frame(k) is not None else np.inf for k in ks], dtype=float),
+        confirmed=np.array([bool(get(k, "confirmed", False)) for k in ks], dtype=bool),
+        fits_per_K=np.array([len(get(k, "fits", [])) for k in ks], dtype=np.int64),
+        alternatives=alternatives, degenerate=degenerate,
+    )
+
+
+def _grad_norm(Y, C, V) -> float:
+    """Riemannian gradient norm of the center cost at V."""
+    f, eg = center_cost_grad(Y, C, V)
+    if not np.isfinite(f):
+        return np.inf
+    g = eg - V @ (V.T @ eg)
+    return float(np.linalg.norm(g))
