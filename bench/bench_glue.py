@@ -72,37 +72,40 @@ def main(argv=None):
     # 2. whole analysis
     P, M, N, n_t = 100, 50, 2048, 200
     X, y = gauss(P, M, N)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     K = X @ X.T
-    t_gram = time.perf_counter() - t0
+    t_gram, c_gram = time.perf_counter() - t0, time.process_time() - c0
     T, SGN, B = draws(X, P, y, n_t)
     LAM = np.zeros_like(B)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _solve_fast(K, X, True, SGN, B, LAM, block=_block(P))
-    t_solve = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_solve, c_solve = time.perf_counter() - t0, time.process_time() - c0
+    del K
+    t0, c0 = time.perf_counter(), time.process_time()
     r = glue_analysis(X, y, n_t=n_t, seed=0)
-    t_all = time.perf_counter() - t0
+    t_all, c_all = time.perf_counter() - t0, time.process_time() - c0
     print(f"\n## whole glue_analysis (P={P}, M={M}, N={N}, n_t={n_t}, no projection)")
-    print(f"{'stage':<34}{'s':>10}")
-    print(f"{'Gram X X^T (once)':<34}{t_gram:>10.2f}")
-    print(f"{'dual solves (n_t samples)':<34}{t_solve:>10.2f}")
-    print(f"{'whole analysis':<34}{t_all:>10.2f}")
+    print(f"{'stage':<34}{'wall s':>10}{'CPU s':>10}")
+    print(f"{'Gram X X^T (once)':<34}{t_gram:>10.2f}{c_gram:>10.2f}")
+    print(f"{'dual solves (n_t samples)':<34}{t_solve:>10.2f}{c_solve:>10.2f}")
+    print(f"{'whole analysis':<34}{t_all:>10.2f}{c_all:>10.2f}")
     print(f"# capacity {r.capacity:.4f}, active duals per sample {r.n_active_mean:.0f} of {P * M}, "
-          f"cvxpy fallbacks {r.n_cvxpy_fallback}")
+          f"cvxpy fallbacks {r.n_cvxpy_fallback}, largest KKT residual {r.kkt_residual_max:.1e}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
     if args.quick:
         return
     print("\n## growth (whole analysis, n_t=50; the other sizes at P=50, M=50, N=512)")
-    print(f"{'vary':<6}{'value':>8}{'s':>10}{'active':>9}")
+    print(f"{'vary':<6}{'value':>8}{'wall s':>10}{'CPU s':>10}{'active':>9}")
     for name, values in (("P", (25, 50, 100)), ("M", (10, 25, 50, 100)), ("N", (128, 512, 2048))):
         for v in values:
             P, M, N = (v if name == "P" else 50), (v if name == "M" else 50), (v if name == "N" else 512)
             X, y = gauss(P, M, N, seed=v)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             r = glue_analysis(X, y, n_t=50, seed=0)
-            print(f"{name:<6}{v:>8}{time.perf_counter() - t0:>10.2f}{r.n_active_mean:>9.0f}", flush=True)
-
+            print(f"{name:<6}{v:>8}{time.perf_counter() - t0:>10.2f}{time.process_time() - c0:>10.2f}"
+                  f"{r.n_active_mean:>9.0f}", flush=True)
+    print(f"# load average {os.getloadavg()[0]:.1f}")
 
 if __name__ == "__main__":
     main()

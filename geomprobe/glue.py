@@ -12,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.linalg import solve_triangular
 
-from ._kernels.glue import joint_dual_batch
+from ._kernels.glue import anchor_products, joint_dual_batch
 from ._validation import AnalysisError, check_choice, check_nonneg_float, check_positive_int, check_seed
 from .mftma._data import as_manifolds, n_workers
 from .mftma.simcap import check_dichotomies, draw_dichotomy
@@ -217,7 +218,7 @@ def _quad_pinv(G: np.ndarray, v: np.ndarray) -> float:
         Lc = np.linalg.cholesky(G)
         d = np.diag(Lc)
         if d.min() ** 2 > 1e-8 * np.diag(G).max():
-            u = np.linalg.solve(Lc, v)   # triangular, small
+            u = solve_triangular(Lc, v, lower=True, check_finite=False)
             return float(u @ u)
     except np.linalg.LinAlgError:
         pass
@@ -264,6 +265,10 @@ def _measures(X0, K, pc, sizes, T, XT, LAM, kappa, kind, solver, res_max, n_fb, 
     d_sum = np.zeros(P)
     d_cnt = np.zeros(P)
     n_active = 0
+    GSb = np.empty((P, P))
+    SHb = np.empty((P, P))
+    Stb = np.empty(P)
+    XTc = np.ascontiguousarray(XT.T)                             # (n_t, n)
     for s in range(n_t):
         supp = np.flatnonzero(LAM[s])
         n_active += supp.size
@@ -272,13 +277,17 @@ def _measures(X0, K, pc, sizes, T, XT, LAM, kappa, kind, solver, res_max, n_fb, 
             continue
         # supp is sorted, so each anchored manifold's support points are one contiguous group
         g = pc[supp]
-        st = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+        grp = np.cumsum(np.r_[0, g[1:] != g[:-1]]).astype(np.int64)       # 0..|r|-1
         wv = Wn[s, supp]
-        Ksub = K[np.ix_(supp, supp)] if K is not None else X0[supp] @ X0[supp].T
-        KW = Ksub * wv[:, None] * wv[None, :]
-        GS = np.add.reduceat(np.add.reduceat(KW, st, axis=0), st, axis=1)    # s_mu . s_nu
-        SH = np.add.reduceat(H[supp] * wv[:, None], st, axis=0)             # s_mu . s0_nu, (|r|, P)
-        St = np.add.reduceat(XT[supp, s] * wv, st)
+        if K is not None:
+            anchor_products(K, supp, supp, grp, wv, H, XTc[s], GSb, SHb, Stb)
+        else:
+            anchor_products(X0[supp] @ X0[supp].T, np.arange(supp.size), supp, grp, wv, H, XTc[s],
+                            GSb, SHb, Stb)
+        nr = r.size
+        GS = GSb[:nr, :nr]                                                  # s_mu . s_nu
+        SH = SHb[:nr]                                                       # s_mu . s0_nu, (|r|, P)
+        St = Stb[:nr]
         S1t = St - S0T[r, s]
         SS0 = SH[:, r]
         G0r = G0[np.ix_(r, r)]

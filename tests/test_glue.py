@@ -11,7 +11,7 @@ from scipy.optimize import nnls
 import geomprobe.glue as glue_mod
 from conftest import load_mftma_case
 from geomprobe import InputError, glue_analysis
-from geomprobe._kernels.glue import joint_dual
+from geomprobe._kernels.glue import _chol_delete, anchor_products, joint_dual
 from geomprobe.glue import _glue, glue_rows
 from geomprobe.mftma import empirical_capacity
 from geomprobe.registry import METRICS
@@ -72,6 +72,40 @@ def test_joint_dual_zero_when_t_is_feasible(rng):
     lam = np.ones(X.shape[0])
     status, res, rounds, nw = joint_dual(X @ X.T, X, True, sgn, b, lam, 4, 1000)
     assert status == 0 and rounds == 0 and not lam.any()
+
+
+def test_chol_delete_matches_refactorisation(rng):
+    # removing row/column q of G from its Cholesky factor == the Cholesky factor of the reduced G
+    k = 9
+    A = rng.standard_normal((k, 14))
+    G = A @ A.T
+    for q in range(k):
+        L = np.zeros((k + 1, k + 1))
+        L[:k, :k] = np.linalg.cholesky(G)
+        _chol_delete(L, k, q)
+        keep = np.delete(np.arange(k), q)
+        np.testing.assert_allclose(L[:k - 1, :k - 1], np.linalg.cholesky(G[np.ix_(keep, keep)]), atol=1e-12)
+
+
+def test_anchor_products_match_numpy_twin(rng):
+    X = rng.standard_normal((20, 7))
+    P = 4
+    s0 = rng.standard_normal((P, 7))
+    t = rng.standard_normal(7)
+    supp = np.array([1, 2, 5, 9, 10, 11, 17])            # sorted support
+    grp = np.array([0, 0, 1, 2, 2, 2, 3])                 # its anchored manifolds, in order
+    wv = rng.uniform(0.1, 1.0, supp.size)
+    GS, SH, St = np.full((P, P), np.nan), np.full((P, P), np.nan), np.full(P, np.nan)
+    anchor_products(X @ X.T, supp, supp, grp, wv, X @ s0.T, X @ t, GS, SH, St)
+    S = np.stack([(wv[grp == g, None] * X[supp[grp == g]]).sum(axis=0) for g in range(4)])   # twin
+    np.testing.assert_allclose(GS, S @ S.T, rtol=1e-12)
+    np.testing.assert_array_equal(GS, GS.T)
+    np.testing.assert_allclose(SH, S @ s0.T, rtol=1e-12)
+    np.testing.assert_allclose(St, S @ t, rtol=1e-12)
+    # the Gram-free form: K of the support only, addressed by position
+    GS2 = np.empty((P, P))
+    anchor_products(X[supp] @ X[supp].T, np.arange(supp.size), supp, grp, wv, X @ s0.T, X @ t, GS2, SH, St)
+    np.testing.assert_allclose(GS2, S @ S.T, rtol=1e-12)
 
 
 # --------------------------------------------------------------------------- fidelity

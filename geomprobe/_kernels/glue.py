@@ -429,3 +429,42 @@ def joint_dual_batch(K, X, use_k, SGN, B, LAM, STAT, RES, block, max_iter):
         STAT[s, 0] = st
         STAT[s, 1] = rounds
         RES[s] = r
+
+
+@njit(cache=True, nogil=True)
+def anchor_products(K, kix, hix, grp, wv, H, xt, GS, SH, St):
+    """Products of one sample's anchors s_p = sum_{a in p} wv[a] x_a (p = grp[a], 0..nr-1).
+
+    K: Gram rows/columns of the support points at K[kix[a], kix[b]]; H: (n, P) rows x_a . s0_nu
+    read at H[hix[a]]; xt: (n,) x_a . t read at xt[hix[a]]. Outputs (first nr rows used, zeroed
+    here): GS[p, q] = s_p . s_q (accumulated in both orders, then averaged: exactly symmetric),
+    SH[p, nu] = s_p . s0_nu, St[p] = s_p . t."""
+    m = kix.shape[0]
+    nr = 0
+    for a in range(m):
+        if grp[a] + 1 > nr:
+            nr = grp[a] + 1
+    P = H.shape[1]
+    for p in range(nr):
+        St[p] = 0.0
+        for q in range(nr):
+            GS[p, q] = 0.0
+        for c in range(P):
+            SH[p, c] = 0.0
+    for a in range(m):
+        ga = grp[a]
+        wa = wv[a]
+        St[ga] += wa * xt[hix[a]]
+        Ha = H[hix[a]]
+        SHa = SH[ga]
+        for c in range(P):
+            SHa[c] += wa * Ha[c]
+        Ka = K[kix[a]]
+        GSa = GS[ga]
+        for b in range(m):
+            GSa[grp[b]] += wa * wv[b] * Ka[kix[b]]
+    for p in range(nr):
+        for q in range(p + 1, nr):
+            g = 0.5 * (GS[p, q] + GS[q, p])
+            GS[p, q] = g
+            GS[q, p] = g
