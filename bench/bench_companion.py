@@ -6,16 +6,16 @@
 2. Linear CKA (biased + unbiased) and the Procrustes angle between two such layers vs the same
    ``X.T @ X``: standalone (both self terms + the cross term + one SVD) and the marginal cost of one
    more pair when the layers' self terms are already prepared (a layer x layer matrix); target <= 3x.
-3. Score recording in training: one epoch of the label-noise small preset's network (AlexNet at 1/8
-   width, 5,000 32 x 32 images, batch 128; random images, timing only) with and without a
-   ScoreRecorder, alternating, best of ``--epochs``; plus the one-off per-layer gradient norms after
-   training, as a fraction of an epoch. Target <= 5 % per epoch.
+3. Score recording in training (also bench/bench_scores.py, which reports medians and the load): one
+   epoch of the label-noise small preset's network (AlexNet at 1/8 width, 5,000 32 x 32 images, batch
+   128; random images, timing only) with and without a ScoreRecorder, alternating, best of
+   ``--epochs``; plus the one-off per-layer gradient norms after training. Target <= 5 % per epoch.
 
-4. ``--observe SEED``: a label-noise-geometry run (``--preset``, ``--set key=value``) with a ScoreRecorder
-   injected around train(), then the per-subset scores and per-layer companion rows of the final epoch.
+4. ``--observe RUN``: the per-subset scores and per-layer companion rows of the final epoch of a
+   finished ``geomprobe train label-noise-geometry`` run folder (which records train/scores.csv).
 
-Run:  python bench/bench_companion.py [--small] [--skip-train] [--epochs 3]
-      python bench/bench_companion.py --observe 0 --preset small --set rewind=false
+Run:  python bench/bench_companion.py [--small] [--skip-train] [--epochs 3] [--only spectrum,cka,...]
+      python bench/bench_companion.py --observe RUN_FOLDER
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def best_of(fn, repeats=2):
     return min(times)
 
 
-def layer_measures(n: int, d: int, repeats: int) -> list[tuple]:
+def layer_measures(n: int, d: int, repeats: int, only: set[str] | None = None) -> list[tuple]:
     from geomprobe.collapse import neural_collapse
     from geomprobe.linear_probe import linear_probe
     from geomprobe.similarity import _pair, layer_similarity, prepare_layer
@@ -51,24 +51,28 @@ def layer_measures(n: int, d: int, repeats: int) -> list[tuple]:
 
     print(f"| X.T @ X (float32) | {t0:.2f} s | 1.00x | |", flush=True)
 
-    def add(name, fn, target):
+    def add(name, fn, target, key=None):
+        if only is not None and key not in only:
+            return
         t = best_of(fn, repeats)
         rows.append((name, t, target))
         print(f"| {name} | {t:.2f} s | {t / t0:.2f}x | <= {target:g}x |", flush=True)
 
-    add("participation ratio (trace / Frobenius only)", lambda: participation_ratio(X), 3.0)
-    add("spectrum: PR + effective rank (+ eigvalsh d x d)", lambda: spectrum(X), 3.0)
-    add("neural collapse NC1 + NC2 (10 classes)", lambda: neural_collapse(X, y), 3.0)
+    add("participation ratio (trace / Frobenius only)", lambda: participation_ratio(X), 3.0, "pr")
+    add("spectrum: PR + effective rank (+ eigvalsh d x d)", lambda: spectrum(X), 3.0, "spectrum")
+    add("neural collapse NC1 + NC2 (10 classes)", lambda: neural_collapse(X, y), 3.0, "collapse")
     add("linear probe, 2 label vectors (ridge, 50 % split)",
-        lambda: linear_probe(X, y, extra_labels={"noisy": y2}), 3.0)
+        lambda: linear_probe(X, y, extra_labels={"noisy": y2}), 3.0, "probe")
     add("linear probe + averaging classifier", lambda: linear_probe(X, y, extra_labels={"noisy": y2},
-                                                                    averaging=True), 3.0)
+                                                                    averaging=True), 3.0, "averaging")
     Y = np.maximum(X[:, ::-1] + 0.5 * rng.standard_normal((n, d), dtype=np.float32), 0)
-    add("CKA + CKA_1, two layers, standalone (linear_cka)", lambda: layer_similarity(X, Y, procrustes=False), 3.0)
-    add("CKA + CKA_1 + Procrustes, two layers, standalone", lambda: layer_similarity(X, Y), 3.0)
-    a, b = prepare_layer(X), prepare_layer(Y)
-    add("  one more pair, self terms prepared (cross term + SVD)", lambda: _pair(a, b), 3.0)
-    add("  one more pair, CKA only (cross term, no SVD)", lambda: _pair(a, b, procrustes=False), 3.0)
+    add("CKA + CKA_1, two layers, standalone (linear_cka)", lambda: layer_similarity(X, Y, procrustes=False), 3.0,
+        "cka")
+    add("CKA + CKA_1 + Procrustes, two layers, standalone", lambda: layer_similarity(X, Y), 3.0, "procrustes")
+    if only is None or "pair" in only:
+        a, b = prepare_layer(X), prepare_layer(Y)
+        add("  one more pair, self terms prepared (cross term + nuclear norm)", lambda: _pair(a, b), 3.0, "pair")
+        add("  one more pair, CKA only (cross term)", lambda: _pair(a, b, procrustes=False), 3.0, "pair")
     return rows
 
 
@@ -121,37 +125,19 @@ def train_overhead(epochs: int) -> list[tuple]:
             ("after training: per-layer gradient norms + scores.csv (once)", min(finish), None)]
 
 
-def observe(seed: int, preset: str, sets: list[str], out: str, config: str | None = None) -> None:
-    """Run label-noise-geometry with a ScoreRecorder (injected around train(); experiments.py does not
-    wire it yet) and print the per-subset scores and the per-layer companion rows of the final epoch."""
+def observe(run: str) -> None:
+    """Per-subset scores (train/scores.csv) and per-layer companion rows of the final epoch
+    (acts_final.npz) of a finished label-noise-geometry run folder, as markdown tables."""
     from pathlib import Path
 
     from geomprobe.companion import companion_rows
     from geomprobe.io import open_activations
     from geomprobe.scores import read_scores, score_summary
-    from geomprobe.trainers import experiments as E
-    from geomprobe.trainers.noise import LabelNoise
-    from geomprobe.trainers.scores import ScoreRecorder
 
-    outp = Path(out)
-    real_train = E.train
-
-    def train_with_scores(model, x, y, *args, **kw):
-        noise = LabelNoise.load(outp / "label_noise.npz")
-        rec = ScoreRecorder(len(y), subsets=np.where(noise.permuted, "permuted", "unpermuted"),
-                            true_labels=noise.true_labels, el2n_epoch=max(1, kw["cfg"].epochs // 10))
-        return real_train(model, x, y, *args, scores=rec, **kw)
-
-    E.train = train_with_scores
-    outp.mkdir(parents=True, exist_ok=True)
-    import json
-
-    cfg = json.loads(Path(config).read_text()) if config else None
-    o = E.options_for("label-noise-geometry", preset, config=cfg, sets=sets, seed=seed)
-    t = time.perf_counter()
-    E.run_label_noise_geometry(o, outp, True)
-    print(f"trained in {time.perf_counter() - t:.0f} s (seed {seed}, preset {preset}, config {config}, sets {sets})")
-    s = score_summary(read_scores(outp))
+    outp = Path(run)
+    t = read_scores(outp)
+    s = score_summary(t)
+    print(f"{run}: EL2N at epoch {t.meta.get('el2n_epoch')}, {t.meta.get('epochs')} epochs")
     print("| subset | n | forgetting (learned) | never learned | EL2N | AUM |")
     print("|---|---|---|---|---|---|")
     for sub, d in s.per_subset.items():
@@ -182,21 +168,21 @@ def main():
     ap.add_argument("--skip-layers", action="store_true")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--observe", type=int, metavar="SEED", help="label-noise run with scores (see observe())")
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--set", action="append", default=[], dest="sets")
-    ap.add_argument("--config", help="options JSON for --observe (e.g. docs/configs/e2_small_spheres.json)")
-    ap.add_argument("--out", default="/tmp/gp_observe")
+    ap.add_argument("--only", help="comma-separated rows: pr,spectrum,collapse,probe,averaging,cka,procrustes,pair")
+    ap.add_argument("--observe", metavar="RUN", help="tables of a finished label-noise-geometry run folder")
     a = ap.parse_args()
     if a.observe is not None:
-        observe(a.observe, a.preset, a.sets, f"{a.out}_{a.preset}_s{a.observe}", a.config)
+        observe(a.observe)
         return
     n, d = (12_500 if a.small else 50_000), 4096
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    import atexit
+
+    atexit.register(lambda: print(f"load average at the end {os.getloadavg()[0]:.1f}"))
     if not a.skip_layers:
         print(f"\n| n = {n:,} x d = {d:,} float32 | time | / X.T @ X | target |")
         print("|---|---|---|---|", flush=True)
-        layer_measures(n, d, a.repeats)  # prints each row as it is measured
+        layer_measures(n, d, a.repeats, None if a.only is None else set(a.only.split(",")))  # prints each row
     if not a.skip_train:
         rows = train_overhead(a.epochs)
         base = rows[0][1]

@@ -36,7 +36,7 @@ from .registry import MetricInfo, register
 
 __all__ = ["SimilarityResult", "layer_similarity", "linear_cka", "procrustes_distance", "similarity_rows",
            "similarity_csv", "write_similarity_csv", "SIMILARITY_FIELDS", "METRICS", "prepare_layer",
-           "PreparedLayer"]
+           "PreparedLayer", "nuclear_norm"]
 
 SIMILARITY_FIELDS = ("file_a", "layer_a", "file_b", "layer_b", "metric", "value")
 
@@ -105,10 +105,33 @@ def _pair(a: PreparedLayer, b: PreparedLayer, *, procrustes: bool = True) -> tup
         cka1 = float("nan")
     ang = float("nan")
     if procrustes and a.trace > 0 and b.trace > 0:
-        with _moments.one_blas_thread():
-            nuc = float(np.linalg.svd(M, compute_uv=False).sum())
+        tol = 1e-11 if np.result_type(a.Z.dtype, b.Z.dtype) == np.float64 else 1e-8
+        nuc = nuclear_norm(M, rel_tol=tol)
         ang = math.acos(min(1.0, max(-1.0, nuc / math.sqrt(a.trace * b.trace))))
     return cka, cka1, ang
+
+
+def nuclear_norm(M: np.ndarray, *, rel_tol: float = 1e-11) -> float:
+    """Sum of the singular values of M (float64), from the eigenvalues of the smaller Gram matrix
+    G = M^T M (or M M^T): one BLAS-3 product and a symmetric ``eigvalsh`` (half the flops of the SVD's
+    bidiagonalisation, a third of its time measured on 4,096^2). With m the product's inner dimension
+    and k the order of G, each computed eigenvalue lies within the rounding estimate
+    delta = 4 eps (sqrt(m) tr(G) + k ||G||_2) of the exact one, so the sum of square roots is within
+    E = sum_k sqrt(lam_k + delta) - sqrt(max(lam_k - delta, 0)) of the nuclear norm. When E exceeds
+    ``rel_tol`` times it (tiny singular values, whose square roots the squaring makes inaccurate) the
+    nuclear norm is taken from the SVD instead."""
+    G = M.T @ M if M.shape[1] <= M.shape[0] else M @ M.T
+    m = max(M.shape)
+    with _moments.one_blas_thread():
+        lam = np.linalg.eigvalsh(0.5 * (G + G.T))
+    top = max(float(lam[-1]), 0.0)
+    delta = 4.0 * np.finfo(np.float64).eps * (math.sqrt(m) * float(np.trace(G)) + lam.size * top)
+    nuc = float(np.sqrt(np.maximum(lam, 0.0)).sum())
+    err = float(np.sum(np.sqrt(lam + delta) - np.sqrt(np.maximum(lam - delta, 0.0)))) if top > 0 else 0.0
+    if err <= rel_tol * nuc:
+        return nuc
+    with _moments.one_blas_thread():
+        return float(np.linalg.svd(M, compute_uv=False).sum())
 
 
 def _minibatch_cka(X: np.ndarray, Y: np.ndarray, batch_size: int, rng: np.random.Generator) -> float:
