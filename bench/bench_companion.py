@@ -73,6 +73,19 @@ def layer_measures(n: int, d: int, repeats: int, only: set[str] | None = None) -
         a, b = prepare_layer(X), prepare_layer(Y)
         add("  one more pair, self terms prepared (cross term + nuclear norm)", lambda: _pair(a, b), 3.0, "pair")
         add("  one more pair, CKA only (cross term)", lambda: _pair(a, b, procrustes=False), 3.0, "pair")
+    if only is None or "nuclear" in only:
+        from geomprobe._moments import centered_cross, one_blas_thread
+        from geomprobe.similarity import nuclear_norm
+
+        a, b = prepare_layer(X), prepare_layer(Y)
+        M = centered_cross(a.Z, b.Z, a.mean, b.mean)
+
+        def svd_sum():
+            with one_blas_thread():
+                return np.linalg.svd(M, compute_uv=False).sum()
+        add("  nuclear norm of the 4,096^2 cross term: SVD (before)", svd_sum, 3.0, "nuclear")
+        add("  nuclear norm of the 4,096^2 cross term: eigvalsh(M^T M) (now)", lambda: nuclear_norm(M, rel_tol=1e-8),
+            3.0, "nuclear")
     return rows
 
 
@@ -168,7 +181,7 @@ def main():
     ap.add_argument("--skip-layers", action="store_true")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--only", help="comma-separated rows: pr,spectrum,collapse,probe,averaging,cka,procrustes,pair")
+    ap.add_argument("--only", help="comma-separated rows: pr,spectrum,collapse,probe,averaging,cka,procrustes,pair,nuclear")
     ap.add_argument("--observe", metavar="RUN", help="tables of a finished label-noise-geometry run folder")
     a = ap.parse_args()
     if a.observe is not None:
