@@ -170,21 +170,34 @@ _NOT_MEASURED = {
 
 
 def _run_trained(args) -> int:
+    from geomprobe import _warmup
+    from geomprobe.trainers.options import options_for
+
+    opts = options_for("label-noise-geometry", "tiny", dict(DEMO_OPTIONS, epochs=args.epochs), seed=args.seed)
+    print(f"geomprobe demo: training a {opts.depth}-layer feed-forward net (width {opts.width}) on {opts.n_classes} "
+          f"synthetic spheres, eps = {opts.eps} of the training labels permuted, {opts.epochs} epochs on the CPU ...",
+          file=sys.stderr)
+    # the analysis kernels compile (first run of an install only) in background processes while the net
+    # trains on one thread: geomprobe/_warmup.py
+    warm = _warmup.start() if not args.no_mftma else []
+    try:
+        return _train_and_analyse(args, opts, warm)
+    finally:
+        _warmup.stop(warm)
+
+
+def _train_and_analyse(args, opts, warm) -> int:
     import torch
 
+    from geomprobe import _warmup
     from geomprobe.trainers.effects import summarize
     from geomprobe.trainers.experiments import run_experiment
-    from geomprobe.trainers.options import options_for
 
     from .report import effects_lines
 
     out = args.out
     quiet = getattr(args, "quiet", False)
-    opts = options_for("label-noise-geometry", "tiny", dict(DEMO_OPTIONS, epochs=args.epochs), seed=args.seed)
     t0, c0 = time.perf_counter(), _cpu()
-    print(f"geomprobe demo: training a {opts.depth}-layer feed-forward net (width {opts.width}) on {opts.n_classes} "
-          f"synthetic spheres, eps = {opts.eps} of the training labels permuted, {opts.epochs} epochs on the CPU ...",
-          file=sys.stderr)
     bar = Progress(opts.epochs, "training", "epoch", quiet=quiet)
     threads = torch.get_num_threads()
     # a net this small trains as fast on one thread, and one thread does not stall when other processes
@@ -196,6 +209,10 @@ def _run_trained(args) -> int:
     finally:
         torch.set_num_threads(threads)
         bar.close()
+    if warm and any(p.poll() is None for p in warm):
+        print("geomprobe demo: waiting for the analysis kernels to compile (first run of this install only; "
+              "later runs load them from numba's cache) ...", file=sys.stderr, flush=True)
+    _warmup.wait(warm)
     t1, c1 = time.perf_counter(), _cpu()
     print(f"geomprobe demo: trained in {t1 - t0:.0f} s (best test accuracy at epoch {res.result['best_epoch']}); "
           f"analysing acts_best.npz and acts_final.npz (MFTMA n_reps {DEMO_ANALYSIS['n_reps']}, n_t "

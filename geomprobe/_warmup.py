@@ -1,0 +1,103 @@
+"""Compile the analysis kernels into numba's disk cache ahead of their first use.
+
+A fresh install has an empty numba cache: the first analysis in it compiles every kernel it calls
+(~1 min of CPU on a 2-core machine, docs/performance.md "First call in a fresh process"). The kernels
+are cached on disk (``cache=True``), so a kernel compiled by *another* process is loaded, not compiled,
+by this one. :func:`start` therefore compiles them in background processes, split into jobs that
+share no kernel, while the caller does something else (``geomprobe demo`` trains its network); the
+caller then :func:`wait`\\ s for them before its own analysis, which loads every kernel from the cache.
+
+Each job runs the same code path as a real analysis on a tiny seeded input of the same types
+(float32 activations, int64 labels), so it compiles exactly the specialisations a real analysis
+uses. With a warm cache a job only loads the kernels (about a second). A failed or killed job costs
+nothing but time: the caller compiles whatever is missing itself, as it would without warm-up.
+
+``python -m geomprobe._warmup JOB`` runs one job in this process.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# job -> what it compiles. "mftma" runs geomprobe analyze's row path (alignment, then the MFTMA center
+# model, then the anchors); "anchors" runs the MFTMA without a center model (K = 0: the per-manifold
+# anchor kernels only), so the two processes compile disjoint kernels as long as the anchors job
+# finishes before the mftma job reaches its anchors (it does: the center model compiles longer).
+JOBS = ("mftma", "anchors")
+
+
+def _tiny(seed: int = 0, P: int = 6, M: int = 8, N: int = 24):
+    """A tiny seeded input of the types a real analysis sees: float32 (P*M, N), int64 labels."""
+    rng = np.random.default_rng(seed)
+    centers = 3.0 * rng.standard_normal((P, N))
+    X = (np.repeat(centers, M, axis=0) + rng.standard_normal((P * M, N))).astype(np.float32)
+    labels = np.repeat(np.arange(P, dtype=np.int64), M)
+    return X, labels
+
+
+def run_job(job: str) -> None:
+    """Compile (or load) the kernels of one job in this process."""
+    if job not in JOBS:
+        raise ValueError(f"warm-up job must be one of {', '.join(JOBS)}, got {job!r}")
+    X, labels = _tiny()
+    if job == "anchors":
+        from .mftma.capacity import manifold_analysis
+
+        manifold_analysis(X, labels, n_t=4, n_reps=1, seed=0, K=0, seed_mode="spawn")
+        return
+    from .analysis import AnalyzeOptions, analyze
+    from .io import save_activations
+
+    with tempfile.TemporaryDirectory(prefix="geomprobe-warmup-") as tmp:
+        path = os.path.join(tmp, "warmup.npz")
+        n = X.shape[0]
+        split = np.where(np.arange(n) % 4 == 0, "test", "train")
+        permuted = (np.arange(n) % 4 == 1)
+        save_activations(path, labels, {"a": X, "b": np.maximum(X, 0)}, split=split,
+                         permuted=permuted, train_labels=labels)
+        analyze([path], AnalyzeOptions(seed=0, n_reps=2, n_t=4), outdir=os.path.join(tmp, "out"), force=True)
+
+
+def start(jobs=JOBS) -> list[subprocess.Popen]:
+    """Start one background process per job (stdout/stderr discarded, lowest priority)."""
+    procs = []
+    for job in jobs:
+        try:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "geomprobe._warmup", job],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                preexec_fn=(lambda: os.nice(5)) if hasattr(os, "nice") else None))
+        except OSError:
+            pass  # no warm-up: the caller compiles what it needs itself
+    return procs
+
+
+def wait(procs: list[subprocess.Popen], timeout: float = 600.0) -> float:
+    """Wait for the warm-up processes (at most ``timeout`` s in all, then kill them); returns the
+    seconds waited."""
+    t0 = time.perf_counter()
+    for p in procs:
+        left = max(0.0, timeout - (time.perf_counter() - t0))
+        try:
+            p.wait(left)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return time.perf_counter() - t0
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Kill the warm-up processes that still run (on an error or Ctrl-C of the caller)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+if __name__ == "__main__":
+    run_job(sys.argv[1] if len(sys.argv) > 1 else "mftma")
