@@ -40,19 +40,22 @@ GTOL_P = 20.0
 #: norm is <= CONV_SLACK times that tolerance and it did not stop at the iteration cap; the aborted
 #: fits that the reference's stability rule favours stop with gradient norms of 1e-1 to 1e2.
 CONV_SLACK = 100.0
-#: The K scan fits n_scan = max(1, min(n_reps, ceil(SMALL_P_FITS / P))) starts per K (10 at P <= 10,
-#: 4 at P = 30, 1 from P = 100: small problems are cheap and multimodal) to a loose tolerance
+#: The K scan fits n_scan = max(1, min(n_reps, ceil(SMALL_P_FITS / P))) starts per K (5 at P = 10,
+#: 2 at P = 30, 1 from P = 50: small problems are cheap and multimodal) to a loose tolerance
 #: (SCAN_GTOL times the convergence tolerance, at most SCAN_MAX_ITER iterations): enough to rank the K.
-SMALL_P_FITS = 100
+SMALL_P_FITS = 50
 SCAN_GTOL = 10.0
-SCAN_MAX_ITER = 200
-#: Candidate K (scan res_coeff within RES_TIE_RTOL of the lowest; at most MAX_CANDIDATES of them, lowest
-#: first) are then refitted to full tolerance: once from their scan frame, then from random frames,
-#: FIT_BATCH at a time, n_min = max(2, ceil(CONFIRM_FITS / P)) fits at least (20 at P = 20, 4 at
-#: P = 100, 2 from P = 200: small problems are multimodal and cheap), and more until a second fit
+SCAN_MAX_ITER = 100
+#: Candidate K (scan res_coeff within RES_TIE_RTOL of the lowest; at most
+#: max(1, min(MAX_CANDIDATES, ceil(MAX_CANDIDATES (CONFIRM_P / P)^2))) of them, lowest first: 3 up to
+#: P = 100, 1 from P = 174; the others stay near-ties, see RES_TIE_RTOL) are then refitted to full tolerance: once from their scan frame, then from random frames,
+#: FIT_BATCH at a time, n_min = max(2, min(20, ceil(CONFIRM_FITS / P))) fits at least (20 up to P = 20,
+#: 4 at P = 100, 2 from P = 200: small problems are multimodal and cheap), and more until a second fit
 #: reaches the lowest-cost minimum or n_max = max(n_min, min(n_reps, ceil(n_reps (CONFIRM_P / P)^2)))
 #: fits of that K are spent (a fit costs O(P^2 K) per iteration: n_reps up to P = 100, 2 from P = 224).
 CONFIRM_FITS = 400
+#: Below this P a fit takes well under a millisecond: fits run in the calling thread (no pool).
+POOL_MIN_P = 50
 MAX_CANDIDATES = 3
 CONFIRM_P = 100.0
 #: Two converged fits reach the same minimum when their costs agree to COST_RTOL (relative) and the
@@ -347,14 +350,15 @@ def _fit_min_cost(Y, C, Q, N, rho_c, max_k, max_k_ref, notes, rng, *, n_reps, K,
     P, n = Y.shape
     gtol_eff = gtol * max(1.0, P / GTOL_P)
     n_scan = max(1, min(n_reps, -(-SMALL_P_FITS // P)))
-    n_min = max(2, -(-CONFIRM_FITS // P))
+    n_min = max(2, min(20, -(-CONFIRM_FITS // P)))
     n_max = max(n_min, min(n_reps, int(np.ceil(n_reps * (CONFIRM_P / P) ** 2))))
+    n_cand = max(1, min(MAX_CANDIDATES, int(np.ceil(MAX_CANDIDATES * (CONFIRM_P / P) ** 2))))
     last = max_k if K is None else K
     slots: dict[int, dict] = {}
     counters = {"fits": 0, "iters": 0}
     with contextlib.ExitStack() as stack:
         pool = None
-        if n_threads > 1 and last >= 1:
+        if n_threads > 1 and last >= 1 and P >= POOL_MIN_P:
             stack.enter_context(blas_threads(1))
             pool = stack.enter_context(ThreadPoolExecutor(max_workers=min(FIT_BATCH, n_threads)))
 
@@ -443,7 +447,7 @@ def _fit_min_cost(Y, C, Q, N, rho_c, max_k, max_k_ref, notes, rng, *, n_reps, K,
                     break
                 res = np.array([res_of(k) for k in tried])
                 order = np.argsort(res, kind="stable")
-                cands = [tried[i] for i in order[:MAX_CANDIDATES] if res[i] <= res[order[0]] * (1.0 + RES_TIE_RTOL)]
+                cands = [tried[i] for i in order[:n_cand] if res[i] <= res[order[0]] * (1.0 + RES_TIE_RTOL)]
             else:
                 cands = [K] if K > 0 else []
             todo = [k for k in cands if k not in done]
