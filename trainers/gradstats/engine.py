@@ -535,12 +535,21 @@ def gram_class_sq(Gm: torch.Tensor, lay: ClassLayout, W: torch.Tensor):
 
 
 def prefer_gram(blk: Factors, K: int, r: int, budget: int) -> bool:
-    """The example Gram (any T) is cheaper than forming every per-example gradient once."""
+    """The example Gram (any T) is cheaper than forming every per-example gradient once.
+
+    Costs in multiply-adds: the Gram's products are dense GEMMs; the per-example pass adds, per
+    element of the n x d per-example gradients and of the (2 K, d) per-class buffers, memory-bound
+    passes (norms, scaling, ``index_add_``, zero fill, squares) counted as ``_MEM_PASS`` multiply-adds
+    each (alexnet x0.25 at 2 x 2 positions, 100 classes, CPU: the pass took 20x the step, the Gram
+    a fraction of it)."""
     n, G, T, p = blk.D.shape
     d = G * p * (blk._m.weight[0].numel() if isinstance(blk, ConvFactors) else blk.A.shape[3])
     gram = G * (n * T) ** 2 * (p + d // (G * p)) + n * n * K * r
-    fused = n * T * d + 4 * n * d
+    fused = n * T * d + _MEM_PASS * (4 * n * d + 4 * min(K, n) * d)
     return gram < fused and n * n <= budget
+
+
+_MEM_PASS = 8
 
 
 def fused_factor_sums(blk: Factors, lay: ClassLayout, budget: int):
@@ -556,12 +565,13 @@ def fused_factor_sums(blk: Factors, lay: ClassLayout, budget: int):
     d = G * p * q
     sq = torch.empty(n, dtype=D.dtype, device=D.device)
 
-    def grads(idx):
-        m = idx.shape[0]
+    def grads(idx):  # idx: example indices, or a slice of consecutive examples (views, no gather copy)
         if isinstance(blk, ConvFactors):  # the convolution's weight-gradient kernel, examples as groups
-            Gc = blk.per_example(idx)
+            Gc = blk.per_example(idx, any_order=True)
         else:
-            Gc = torch.bmm(D[idx].reshape(m * G, T, p).transpose(1, 2), A[idx].reshape(m * G, T, q)).view(m, d)
+            Dc, Ac = D[idx], A[idx]
+            m = Dc.shape[0]
+            Gc = torch.bmm(Dc.reshape(m * G, T, p).transpose(1, 2), Ac.reshape(m * G, T, q)).view(m, d)
         sqc = torch.linalg.vector_norm(Gc, dim=1).square()
         sq[idx] = sqc
         w = torch.where(sqc > 0, sqc.clamp_min(torch.finfo(sqc.dtype).tiny).rsqrt(), torch.zeros_like(sqc))
@@ -574,7 +584,7 @@ def fused_factor_sums(blk: Factors, lay: ClassLayout, budget: int):
         acc = torch.zeros(2, Kp, d, dtype=D.dtype, device=D.device)
         step = max(1, (budget // 2) // max(1, d))
         for s in range(0, n, step):
-            idx = torch.arange(s, min(n, s + step), device=D.device)
+            idx = slice(s, min(n, s + step))
             Gc, w = grads(idx)
             c = compact[idx]
             acc[0].index_add_(0, c, Gc)
@@ -652,7 +662,7 @@ def block_materialise(blk, s: int, e: int) -> torch.Tensor:
         out = torch.zeros(m * blk.num, D.shape[2], dtype=D.dtype, device=D.device)
         return out.index_add_(0, keys, D.reshape(m * T, -1)).view(m, -1)
     if isinstance(blk, ConvFactors):
-        return blk.per_example(torch.arange(s, e, device=blk.D.device))
+        return blk.per_example(slice(s, e))
     D, A = blk.D[s:e], blk.A[s:e]
     return torch.einsum("ngtp,ngtq->ngpq", D, A).reshape(e - s, -1)
 

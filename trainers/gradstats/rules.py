@@ -61,20 +61,33 @@ class ConvFactors(Factors):
     def to(self, dtype):
         return ConvFactors(self.D.to(dtype), self._x.to(dtype), self._d.to(dtype), self._m)
 
-    def per_example(self, idx: torch.Tensor) -> torch.Tensor:
-        """(k, numel) per-example weight gradients of the examples ``idx``."""
-        m, k = self._m, idx.shape[0]
+    def per_example(self, idx: torch.Tensor | slice, any_order: bool = False) -> torch.Tensor:
+        """(k, numel) per-example weight gradients of the examples ``idx`` (indices, or a slice: no copy).
+        ``any_order=True``: each row's entries in the kernel's memory order (norms and sums of rows do not
+        depend on it; saves a transposing copy when the kernel returns channels-last weights)."""
+        m = self._m
         nd = len(m.kernel_size)
-        x = self._x[idx]
+        x, d = self._x[idx], self._d[idx]
+        k = x.shape[0]
         pad = tuple(m._reversed_padding_repeated_twice)
-        if any(pad):
-            x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
-        d = self._d[idx]
-        w = m.weight.detach().to(d.dtype)
-        wk = w.unsqueeze(0).expand(k, *w.shape).reshape(k * w.shape[0], *w.shape[1:])
+        sym = all(pad[2 * i] == pad[2 * i + 1] for i in range(nd))
+        if m.padding_mode == "zeros" and sym:  # the kernel pads (no padded copy of the input)
+            conv_pad = list(pad[0::2][::-1])
+        else:
+            conv_pad = [0] * nd
+            if any(pad):
+                x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+        w = m.weight
+        # only the weight's shape matters for the weight gradient (no input gradient is asked for): an
+        # uninitialised stand-in, not k copies of the weight (the kernel makes its weight contiguous)
+        wk = d.new_empty((k * w.shape[0], *w.shape[1:]))
         gw = torch.ops.aten.convolution_backward(
             d.reshape(1, k * d.shape[1], *d.shape[2:]), x.reshape(1, k * x.shape[1], *x.shape[2:]), wk, None,
-            list(m.stride), [0] * nd, list(m.dilation), False, [0] * nd, k * m.groups, [False, True, False])[1]
+            list(m.stride), conv_pad, list(m.dilation), False, [0] * nd, k * m.groups, [False, True, False])[1]
+        if any_order and not gw.is_contiguous():
+            order = sorted(range(gw.ndim), key=lambda i: -gw.stride(i))  # dimensions by memory order
+            if order[0] == 0:
+                gw = gw.permute(order)  # a contiguous view when the strides are dense
         return gw.reshape(k, -1)
 
 
