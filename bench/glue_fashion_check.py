@@ -76,6 +76,7 @@ def main(argv=None):
     ap.add_argument("--n-t", type=int, default=400)
     ap.add_argument("--n-rep", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ensembles", default="random,one_vs_rest")
     ap.add_argument("--layer", type=int, choices=(1, 2), default=1,
                     help="hidden layer: 1 = relu1 (N = 256, default), 2 = relu2 (N = 128)")
     args = ap.parse_args(argv)
@@ -94,7 +95,7 @@ def main(argv=None):
     print(f"{'ensemble':<12}{'GLUE cap':>10}{'E[a] +- se':>18}{'sim crit-1/2 +- se':>22}{'sim P/N_c':>11}"
           f"{'rel diff':>10}{'mean-based':>11}{'never sep':>10}{'fallbacks':>10}")
     worst = 0.0
-    for dich in ("random", "one_vs_rest"):
+    for dich in args.ensembles.split(","):
         r = glue_analysis(Xs, dichotomies=dich, n_t=args.n_t, seed=args.seed + 2)
         e = empirical_capacity(Xs, dichotomies=dich, n_rep=args.n_rep, seed=args.seed + 3, bias=False)
         crit = e.critical_n.astype(float)
