@@ -4,7 +4,8 @@
                                     [--batch 256,1024] [--width 1.0] [--repeats 5] [--threads N] [--skip-vmap]
                                     [--profile MODEL] [--check]
 
-For every model and batch it prints the median wall time (after a warm-up) of
+For every model and batch it prints the median wall time (after a warm-up; the first three routes
+run interleaved, so that a change of the machine's load hits them alike) of
 
 * ``plain step``: zero_grad + forward + mean cross-entropy + backward (the model in eval mode, as the
   issue-17 measurements; BatchNorm in train mode has no per-example gradients);
@@ -87,6 +88,24 @@ def timed(fn, repeats, device):
     return statistics.median(times)
 
 
+def timed_interleaved(fns, repeats, device):
+    """Median wall time of each of ``fns``, run in turn (route 1, 2, 3, 1, 2, 3, ...) after one
+    warm-up each, so that a change of the machine's load hits every route alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def routes(model, x, y, classes):
     def step():
         model.zero_grad(set_to_none=True)
@@ -162,9 +181,7 @@ def main() -> None:
                     rec()
                 key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
                 print(prof.key_averages().table(sort_by=key, row_limit=15))
-            t_step = timed(step, args.repeats, device)
-            t_rec = timed(rec, args.repeats, device)
-            t_one = timed(one, args.repeats, device)
+            t_step, t_rec, t_one = timed_interleaved((step, rec, one), args.repeats, device)
             if args.skip_vmap:
                 vm_cell = "skipped"
             else:
