@@ -524,6 +524,9 @@ class _Step:
         self.loss_fn, self.per_ex = make_loss(cfg.loss), _per_example_loss(cfg.loss)
         self.regression = cfg.loss == "mse"
         self.gs = _gradstats() if cfg.align_every else None
+        # the recorder's class codes straight from the device labels (no host round trip per step)
+        Y = run.sets["train"][1]
+        self.num_classes = int(Y.max()) + 1 if self.gs is not None and not self.regression and Y.numel() else None
 
     def __call__(self, idx: torch.Tensor, epoch: int, meter: _LossMeter, aligns: list) -> None:
         run, cfg, model = self.run, self.run.cfg, self.run.model
@@ -536,7 +539,7 @@ class _Step:
         rec = None
         if stats_now and self.gs is not None and not self.regression:
             if self.route == "recorder" and not _coupled(model):
-                rec = self.gs.recorder(model, labels=yb)
+                rec = self.gs.recorder(model, labels=yb, num_classes=self.num_classes)
             else:
                 aligns.append(_align_record(self.gs, model, xb, yb, self.per_ex, run.step, epoch))
         with rec if rec is not None else contextlib.nullcontext():
