@@ -449,7 +449,8 @@ def _fit_min_cost(Y, C, Q, N, rho_c, max_k, max_k_ref, notes, rng, *, n_reps, K,
                 order = np.argsort(res, kind="stable")
                 cands = [tried[i] for i in order[:n_cand] if res[i] <= res[order[0]] * (1.0 + RES_TIE_RTOL)]
             else:
-                cands = [K] if K > 0 else []
+                # K = n removes every center direction: residual cosines undefined (invalid, as in the scan)
+                cands = [K] if 0 < K < n else []
             todo = [k for k in cands if k not in done]
             if not todo:
                 break
