@@ -195,3 +195,20 @@ def test_plots_draw_the_similarity_heatmap_and_score_histograms(tmp_path, rng):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
     assert len(figs["scores"][0].axes) == 3 and "permuted (n=10)" in [
         t.get_text() for t in figs["scores"][0].axes[0].get_legend().get_texts()]
+
+
+def test_nuclear_norm_twin_and_svd_fallback(rng, monkeypatch):
+    """Sum of singular values: eigvalsh(M^T M) route for well-conditioned M (no SVD called), the SVD for
+    a rank-deficient M (tiny singular values fail the rounding bound); both equal the SVD's sum to 1e-12."""
+    from geomprobe.similarity import nuclear_norm
+
+    svd = np.linalg.svd
+    calls = []
+    monkeypatch.setattr(np.linalg, "svd", lambda *a, **k: calls.append(1) or svd(*a, **k))
+    for shape in ((40, 40), (60, 25), (25, 60)):
+        M = rng.standard_normal(shape) + 3 * np.eye(*shape)
+        assert nuclear_norm(M) == pytest.approx(svd(M, compute_uv=False).sum(), rel=1e-12)
+    assert calls == []
+    L = rng.standard_normal((50, 3)) @ rng.standard_normal((3, 40))  # rank 3: 37 zero singular values
+    assert nuclear_norm(L) == pytest.approx(svd(L, compute_uv=False).sum(), rel=1e-12)
+    assert calls == [1]
