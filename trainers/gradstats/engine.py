@@ -580,16 +580,18 @@ def fused_factor_sums(blk: Factors, lay: ClassLayout, budget: int):
     compact, present = lay.present()
     Kp = len(present)
     if 2 * Kp * d <= budget // 2:
-        # the two sums of every class present fit: chunks of consecutive examples, index_add_ into (2 Kp, d)
-        acc = torch.zeros(2, Kp, d, dtype=D.dtype, device=D.device)
+        # the two sums of every class present fit: chunks of consecutive examples; both sums of a
+        # chunk by one product [onehot, onehot * w]^T G (one read of G; no zero fill, scaling pass or
+        # scatter: on the CPU those passes cost more than the product while 2 Kp is small)
+        acc = None
         step = max(1, (budget // 2) // max(1, d))
         for s in range(0, n, step):
             idx = slice(s, min(n, s + step))
             Gc, w = grads(idx)
-            c = compact[idx]
-            acc[0].index_add_(0, c, Gc)
-            acc[1].index_add_(0, c, Gc.mul_(w[:, None]))  # Gc is a temporary: scaled in place
-        acc = acc.transpose(0, 1)
+            P = F.one_hot(compact[idx], Kp).to(Gc.dtype)
+            PW = torch.cat([P, P * w[:, None]], 1).T  # (2 Kp, m)
+            acc = PW @ Gc if acc is None else acc.addmm_(PW, Gc)
+        acc = acc.view(2, Kp, d).transpose(0, 1)
         cls = torch.zeros(lay.K, 2, dtype=D.dtype, device=D.device)
         cls[torch.as_tensor(present, device=D.device)] = _sqsum(acc, 2)
         return sq, cls, _sqsum(acc.sum(0), 1)
