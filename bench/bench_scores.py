@@ -86,7 +86,8 @@ def main() -> None:
           f"{own_med / off_med:.4f} (target <= 0.05) |")
     if r["after"]:
         t = statistics.median(r["after"])
-        print(f"| once after training: gradient norms + scores.csv | {t:.2f} s | {min(r['after']):.2f} s | "
+        what = "per-layer gradient norms + scores.csv" if a.grad_norms else "scores.csv (no --grad-norms)"
+        print(f"| once after training: {what} | {t:.2f} s | {min(r['after']):.2f} s | "
               f"{t / off_med:.3f} |")
     print("\nper-epoch times without: " + ", ".join(f"{t:.2f}" for t in r["off"])
           + "; with: " + ", ".join(f"{t:.2f}" for t in r["on"]))
