@@ -18,6 +18,7 @@ import sys
 import time
 
 from geomprobe._validation import InputError
+from geomprobe.local_runner import available_cores
 
 from ._common import summary_table
 
@@ -219,8 +220,10 @@ def _train_and_analyse(args, opts, warm) -> int:
           f"{DEMO_ANALYSIS['n_t']}, {opts.capture_per_class} examples per class) ...", file=sys.stderr)
     bar = Progress(0, "analysis", "task", quiet=quiet)
     try:
+        # the analysis tasks on every core (geomprobe.local_runner; the numbers do not depend on it)
         summary = summarize(out, mftma=not args.no_mftma, tags=DEMO_FILES, n_reps=DEMO_ANALYSIS["n_reps"],
-                            n_t=DEMO_ANALYSIS["n_t"], progress=lambda done, total: bar.update(done, total=total))
+                            n_t=DEMO_ANALYSIS["n_t"], progress=lambda done, total: bar.update(done, total=total),
+                            jobs=available_cores())
     finally:
         bar.close()
     t2, c2 = time.perf_counter(), _cpu()

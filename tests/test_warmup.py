@@ -35,7 +35,7 @@ print(json.dumps(compiled))
 
 
 def test_unknown_job_is_refused():
-    with pytest.raises(ValueError, match="warm-up job must be one of mftma, anchors, got 'nope'"):
+    with pytest.raises(ValueError, match="warm-up job must be one of centers, anchors, got 'nope'"):
         _warmup.run_job("nope")
 
 
@@ -81,3 +81,31 @@ def test_after_warmup_a_fresh_analysis_compiles_nothing(tmp_path):
     assert out.returncode == 0, out.stderr
     compiled = json.loads(out.stdout.strip().splitlines()[-1])
     assert compiled == [], f"kernels compiled after the warm-up: {compiled}"
+
+
+# ---------------------------------------------------------------- local process runner (geomprobe.local_runner)
+def test_process_runner_gives_the_serial_rows(tmp_path):
+    from geomprobe.analysis import AnalyzeOptions, analyze
+    from geomprobe.io import save_activations
+    from geomprobe.local_runner import process_runner
+
+    rng = np.random.default_rng(5)
+    P, M, N = 5, 12, 16
+    X = (np.repeat(3 * rng.standard_normal((P, N)), M, axis=0) + rng.standard_normal((P * M, N))).astype(np.float32)
+    labels = np.repeat(np.arange(P), M)
+    path = tmp_path / "a.npz"
+    save_activations(path, labels, {"l1": X, "l2": np.abs(X)}, split=np.where(np.arange(P * M) % 3, "train", "test"))
+    opts = AnalyzeOptions(seed=2, n_reps=2, n_t=6)
+    serial = analyze([path], opts)
+    parallel = analyze([path], opts, runner=process_runner(2))
+    assert len(serial.rows) > 20 and any(r["metric"] == "capacity" for r in serial.rows)
+    assert parallel.rows == serial.rows and not parallel.errors
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_process_runner_refuses_bad_jobs(bad):
+    from geomprobe import InputError
+    from geomprobe.local_runner import process_runner
+
+    with pytest.raises(InputError, match=r"jobs must be an integer >= 1, got"):
+        process_runner(bad)

@@ -37,25 +37,6 @@ def _residual(C, c):
 
 
 @njit(cache=True, nogil=True)
-def _diag_inv(C, c):
-    """1 / d_a with d_a = C_aa - ||c_a||^2; returns (inv_d, ok) with ok False if some d_a <= 0."""
-    P = C.shape[0]
-    K = c.shape[1]
-    inv_d = np.empty(P)
-    ok = True
-    for a in range(P):
-        acc = C[a, a]
-        for k in range(K):
-            acc -= c[a, k] * c[a, k]
-        if acc > 0.0:
-            inv_d[a] = 1.0 / acc
-        else:
-            inv_d[a] = 0.0
-            ok = False
-    return inv_d, ok
-
-
-@njit(cache=True, nogil=True)
 def _cost_grad(Y, YT, C, V, want_grad):
     """(cost, Euclidean gradient or zeros) at V; YT = Y^T (contiguous). No P x P temporary.
 
@@ -520,9 +501,15 @@ def residual_stats(Y, C, V):
     return s / (P * (P - 1)), stab, ratio / P
 
 
-@njit(cache=True, nogil=True)
 def fit_and_score(Y, C, V0, max_iter, gtol, min_step, exact=False):
-    """fit_frame then residual_stats: (V, cost, iterations, res_coeff, stability). Releases the GIL."""
-    V, f, it, gn = fit_frame(Y, C, V0, max_iter, gtol, min_step, exact)
+    """fit_frame then residual_stats: (V, cost, iterations, res_coeff, stability); exact as in fit_frame.
+    Both kernels release the GIL.
+
+    Plain Python on purpose (compile time, docs/performance.md "First call in a fresh process"): a
+    compiled caller would compile both optimisers (the pymanopt one serves seed_mode="reference"
+    only), and LLVM re-optimises a callee's body inside each compiled caller, so a compiled wrapper
+    alone cost ~5 s of compilation for two calls that Python makes in microseconds."""
+    fit = fit_frame_pymanopt if exact else fit_frame_lbfgs
+    V, f, it, gn = fit(Y, C, V0, max_iter, gtol, min_step)
     rc, stab, ratio = residual_stats(Y, C, V)
     return V, f, it, rc, stab

@@ -49,8 +49,9 @@ SCAN_MAX_ITER = 100
 #: Candidate K (scan res_coeff within RES_TIE_RTOL of the lowest; at most
 #: max(1, min(MAX_CANDIDATES, ceil(MAX_CANDIDATES (CONFIRM_P / P)^2))) of them, lowest first: 3 up to
 #: P = 100, 1 from P = 174; the others stay near-ties, see RES_TIE_RTOL) are then refitted to full tolerance: once from their scan frame, then from random frames,
-#: FIT_BATCH at a time, n_min = max(2, min(20, ceil(CONFIRM_FITS / P))) fits at least (20 up to P = 20,
-#: 4 at P = 100, 2 from P = 200: small problems are multimodal and cheap), and more until a second fit
+#: FIT_BATCH at a time, n_min = max(2, min(2 n_reps, 20, ceil(CONFIRM_FITS / P))) fits at least (with
+#: the default n_reps = 10: 20 up to P = 20, 4 at P = 100, 2 from P = 200: small problems are multimodal
+#: and cheap; twice n_reps, the user's restart budget, caps it: the demo's n_reps = 2 gives 4), and more until a second fit
 #: reaches the lowest-cost minimum or n_max = max(n_min, min(n_reps, ceil(n_reps (CONFIRM_P / P)^2)))
 #: fits of that K are spent (a fit costs O(P^2 K) per iteration: n_reps up to P = 100, 2 from P = 224).
 CONFIRM_FITS = 400
@@ -350,7 +351,7 @@ def _fit_min_cost(Y, C, Q, N, rho_c, max_k, max_k_ref, notes, rng, *, n_reps, K,
     P, n = Y.shape
     gtol_eff = gtol * max(1.0, P / GTOL_P)
     n_scan = max(1, min(n_reps, -(-SMALL_P_FITS // P)))
-    n_min = max(2, min(20, -(-CONFIRM_FITS // P)))
+    n_min = max(2, min(2 * n_reps, 20, -(-CONFIRM_FITS // P)))
     n_max = max(n_min, min(n_reps, int(np.ceil(n_reps * (CONFIRM_P / P) ** 2))))
     n_cand = max(1, min(MAX_CANDIDATES, int(np.ceil(MAX_CANDIDATES * (CONFIRM_P / P) ** 2))))
     last = max_k if K is None else K

@@ -51,8 +51,8 @@ def analyze_command(files: list[str], adir: str, *, seed: int, n_reps: int, n_t:
 
 
 def _e2_rows(out: Path, files: list[Path], *, mftma: bool, recompute: bool, n_reps: int, n_t: int,
-             seeds: list[int], per_class: int, progress: Callable[[int, int], None] | None = None) \
-        -> list[list[dict]]:
+             seeds: list[int], per_class: int, progress: Callable[[int, int], None] | None = None,
+             jobs: int = 1) -> list[list[dict]]:
     """MFTMA rows of the activation files, one list per analysis seed (the first in out/analysis, the
     others in out/analysis/seed-S); each is reused while its files and options are unchanged."""
     want = sorted(str(p) for p in files)
@@ -74,7 +74,8 @@ def _e2_rows(out: Path, files: list[Path], *, mftma: bool, recompute: bool, n_re
     for a, s in todo:
         rows = cached[str(a)]
         if rows is None:
-            rows = _e2_analyze(a, want, mftma=mftma, n_reps=n_reps, n_t=n_t, seed=s, per_class=per_class, tick=tick)
+            rows = _e2_analyze(a, want, mftma=mftma, n_reps=n_reps, n_t=n_t, seed=s, per_class=per_class, tick=tick,
+                               jobs=jobs)
         out_rows.append(rows)
     return out_rows
 
@@ -97,11 +98,12 @@ def _e2_cached(adir: Path, want: list[str], *, mftma: bool, recompute: bool, n_r
 
 
 def _e2_analyze(adir: Path, want: list[str], *, mftma: bool, n_reps: int, n_t: int, seed: int, per_class: int,
-                tick=None) -> list[dict]:
+                tick=None, jobs: int = 1) -> list[dict]:
     from geomprobe.analysis import AnalyzeOptions, analyze
+    from geomprobe.local_runner import process_runner
 
     opts = AnalyzeOptions(seed=seed, mftma=mftma, n_reps=n_reps, n_t=n_t, per_class=per_class)
-    rep = analyze(want, opts, outdir=adir, force=True, progress=tick)
+    rep = analyze(want, opts, outdir=adir, force=True, progress=tick, runner=process_runner(jobs))
     if rep.errors:
         raise InputError(f"analysis in {adir} failed for {len(rep.errors)} task(s), first: {rep.errors[0]}")
     return rep.rows
@@ -154,7 +156,7 @@ def _e2_best_epoch_effect(capacity: dict[str, list[float]], layers: list[str], b
 
 
 def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: bool, n_reps: int, n_t: int,
-        seed: int, analysis_seeds: int | None, tags: tuple[str, ...] | None = None, progress=None):
+        seed: int, analysis_seeds: int | None, tags: tuple[str, ...] | None = None, progress=None, jobs: int = 1):
     """E2's four effects and data: capacity at the best / final epoch, rewinding, gradient split."""
     o = exp["options"]
     res = exp.get("result", {})
@@ -180,7 +182,7 @@ def _e2(out: Path, exp: dict, missing: list[str], *, mftma: bool, recompute: boo
         n_seeds = check_positive_int(analysis_seeds, "analysis_seeds")
     seeds = e2_analysis_seeds(seed, n_seeds)
     table = _e2_table(_e2_rows(out, [p for _, p, _ in files], mftma=mftma, recompute=recompute, n_reps=n_reps,
-                               n_t=n_t, seeds=seeds, per_class=M, progress=progress), files) if files else {}
+                               n_t=n_t, seeds=seeds, per_class=M, progress=progress, jobs=jobs), files) if files else {}
     data["metrics"] = table
     data["analysis_seeds"] = seeds
     names_ = sorted(p.name for _, p, _ in files)

@@ -19,7 +19,8 @@ __all__ = ["summarize"]
 
 def summarize(outdir: str | Path, *, mftma: bool = True, recompute: bool = False, n_reps: int = 2,
               n_t: int = 50, seed: int | None = None, analysis_seeds: int | None = None, write: bool = True,
-              tags: tuple[str, ...] | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+              tags: tuple[str, ...] | None = None, progress: Callable[[int, int], None] | None = None,
+              jobs: int = 1) -> dict:
     """Measure every effect of the run in ``outdir`` and write ``outdir/summary.json`` (atomically).
 
     ``mftma``: run MFTMA on E2's activation files (else only alignment; capacity effects are then
@@ -28,7 +29,8 @@ def summarize(outdir: str | Path, *, mftma: bool = True, recompute: bool = False
     the analysis seed (default: the run's seed); ``analysis_seeds``: E2's capacities are the mean over
     this many analysis seeds (default: the run's option ``analysis_seeds``, 1 for runs without it);
     ``tags``: E2, analyse only these activation files (``acts_<tag>.npz``; default all, the demo uses
-    best and final); ``progress(done, total)``: called after every finished E2 analysis task.
+    best and final); ``progress(done, total)``: called after every finished E2 analysis task; ``jobs``:
+    E2's analysis tasks run in this many local processes (geomprobe.local_runner; same numbers).
     The E2 analysis options are recorded in ``summary["data"]["analysis"]`` with the ``geomprobe
     analyze`` command line that reproduces the cached rows.
     """
@@ -43,7 +45,7 @@ def summarize(outdir: str | Path, *, mftma: bool = True, recompute: bool = False
     fn = {"extreme-memorization": _e1, "label-noise-geometry": _e2, "identity-crisis": _e3,
           "normalized-loss": _e4}[name]
     kw = dict(mftma=mftma, recompute=recompute, n_reps=n_reps, n_t=n_t, seed=seed,
-              analysis_seeds=analysis_seeds, tags=tags, progress=progress) if name == "label-noise-geometry" \
+              analysis_seeds=analysis_seeds, tags=tags, progress=progress, jobs=jobs) if name == "label-noise-geometry" \
         else {}
     effects, data = fn(out, exp, missing, **kw)
     assert [e["name"] for e in effects] == EFFECT_NAMES[name]  # internal invariant, not user input
