@@ -78,7 +78,7 @@ def summary_table(rows) -> str:
     keys: list[tuple[str, str, str]] = []
     cells: dict[tuple[str, str, str], dict[str, object]] = {}
     for r in rows:
-        if r["class"] != "":
+        if r["class"] != "" or r["metric"].startswith("score_"):  # training scores: their own section
             continue
         k = (r["file"], r["layer"], r["subset"])
         if k not in cells:

@@ -800,6 +800,14 @@ def _run(tasks, options, files, out, resume, keys, runner, progress, on_plan, la
         notes.extend(r.notes)
         if r.error:
             errors.append((t.key, r.error))
+    if options.companion:
+        # per-example training scores of the runs the files come from (train/scores.csv), per subset;
+        # read each time (a small table), not a task
+        from .scores import score_metric_rows
+
+        srows, snotes = score_metric_rows(files)
+        rows.extend(srows)
+        notes.extend(Note("scores", x) for x in snotes)
     report = AnalysisReport(rows, notes, errors, options, files, len(tasks), n_resumed, dict(reasons),
                             label_names)
     if options.compare:

@@ -1,4 +1,5 @@
 """Per-example memorisation scores: scripted forgetting, EL2N / AUM twins, the table, the recorder."""
+import json
 import math
 
 import numpy as np
@@ -200,3 +201,34 @@ def test_recorder_epoch_log_matches_the_core_formulas(rng):
     np.testing.assert_allclose(rec.margin_sum, margin, rtol=1e-6, atol=1e-5)  # float32 logits
     np.testing.assert_allclose(rec.el2n, el_sum / el_cnt, rtol=1e-6)
     assert rec.forget.counts.sum() > 0 and np.all(rec.forget.presented == 6)
+
+
+def test_analyze_companion_adds_the_runs_score_rows_per_subset(tmp_path, capsys):
+    """geomprobe analyze --companion on a run's activation file adds the per-subset summary of the
+    run's train/scores.csv (metrics.csv rows, not table columns); without --companion it does not."""
+    from geomprobe.cli.main import main
+    from geomprobe.io import save_activations
+    from geomprobe.scores import write_scores
+
+    rng = np.random.default_rng(4)
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    n = 40
+    sub = np.where(np.arange(n) < 16, "permuted", "unpermuted")
+    write_scores(run / "train", {"index": np.arange(n), "subset": sub, "label": np.arange(n) % 4,
+                                 "true_label": np.arange(n) % 4, "forgetting": np.where(sub == "permuted", 3, 1),
+                                 "never_learned": np.zeros(n, int), "first_learned": np.ones(n, int),
+                                 "n_presented": np.full(n, 5), "el2n": rng.random(n), "aum": rng.random(n)},
+                 {"epochs": 5, "el2n_epoch": 1})
+    acts = run / "acts_final.npz"
+    save_activations(acts, np.arange(n) % 4, {"l1": rng.standard_normal((n, 6)).astype(np.float32)})
+    for flag, out in ((["--companion"], tmp_path / "a1"), ([], tmp_path / "a2")):
+        rc = main(["analyze", str(acts), "-o", str(out), "--no-mftma", "--quiet", *flag])
+        assert rc == 0
+        rows = json.loads((out / "metrics.json").read_text())["rows"]
+        got = {(r["subset"], r["metric"]): r["value"] for r in rows if r["metric"].startswith("score_")}
+        if flag:
+            assert got[("permuted", "score_forgetting_mean")] == 3.0
+            assert got[("unpermuted", "score_forgetting_mean")] == 1.0
+        else:
+            assert got == {}
