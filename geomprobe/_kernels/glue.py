@@ -29,6 +29,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .nnls import accept_or_step as _accept_or_step  # the MFTMA kernels' Lawson-Hanson step
+
 _DEP_TOL = 1e-11      # Cholesky pivot test (fraction of the squared column norm), as mftma_anchors
 _VIOL_TOL = 1e-13     # violator threshold, relative to max |b|
 
@@ -52,37 +54,6 @@ def _dot(a, b, n):
         s0 += a[c] * b[c]
         c += 1
     return (s0 + s1) + (s2 + s3)
-
-
-@njit(cache=True, nogil=True)
-def _accept_or_step(y, z, idx, k):
-    """Lawson-Hanson inner step on the passive set idx[:k] with least-squares solution y: if every y
-    is positive, accept it (z[idx] = y) and return True; otherwise move z towards y until the first
-    passive variable hits zero (set to exactly 0) and return False."""
-    ok = True
-    for q in range(k):
-        if y[q] <= 0.0:
-            ok = False
-            break
-    if ok:
-        for q in range(k):
-            z[idx[q]] = y[q]
-        return True
-    step = 1.0
-    qmin = -1
-    for q in range(k):
-        if y[q] <= 0.0:
-            zi = z[idx[q]]
-            a = zi / (zi - y[q])
-            if a < step:
-                step = a
-                qmin = q
-    for q in range(k):
-        i = idx[q]
-        z[i] += step * (y[q] - z[i])
-    if qmin >= 0:
-        z[idx[qmin]] = 0.0
-    return False
 
 
 @njit(cache=True, nogil=True)

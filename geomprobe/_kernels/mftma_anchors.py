@@ -24,9 +24,6 @@ from numba import njit
 
 from .nnls import accept_or_step, chol_append, chol_solve
 
-# Former private name, kept for modules that import it from here (the step lives in .nnls).
-_accept_or_step = accept_or_step
-
 # Reference rule: if ||v - t|| < EPS_INTERIOR the anchor is the arg-max point (spec 13).
 EPS_INTERIOR = 1e-8
 

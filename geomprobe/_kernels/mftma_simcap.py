@@ -27,9 +27,6 @@ from .nnls import (
     drop_zeros,
 )
 
-# Former private name, kept for modules that import it from here (the step lives in .nnls).
-_chol_delete = chol_delete
-
 
 @njit(cache=True, nogil=True)
 def hull_nnls(A, max_iter):
