@@ -24,12 +24,15 @@ import time
 
 import numpy as np
 
-# job -> what it compiles, in this order. "centers": the MFTMA center model, then geomprobe analyze's
-# whole row path; "anchors": the MFTMA without a center model (K = 0: the per-manifold anchor kernels),
-# then the row path without MFTMA (alignment and the other families' kernels). The two compile
-# disjoint kernels first (about the same CPU time each); by the time "centers" runs the whole path,
-# the rest is in the cache, so it only fills what neither compiled.
+# job -> what it compiles. "centers": the MFTMA center model; "anchors": the MFTMA without a center model
+# (K = 0: the per-manifold anchor kernels), then geomprobe analyze's row path without MFTMA (alignment
+# and the other families' kernels). The two run at once and compile (nearly) disjoint kernels. "final"
+# runs alone after them: the whole row path with MFTMA, which loads what they compiled and compiles
+# what is still missing. numba's cache index of a kernel is rewritten whole by each process that adds
+# a specialisation to it, so two processes adding different specialisations at once can lose one
+# (docs/performance.md, "First call in a fresh process"); the single "final" writer puts it back.
 JOBS = ("centers", "anchors")
+FINAL = "final"
 
 
 def _tiny(seed: int = 0, P: int = 6, M: int = 8, N: int = 24):
@@ -43,19 +46,21 @@ def _tiny(seed: int = 0, P: int = 6, M: int = 8, N: int = 24):
 
 def run_job(job: str) -> None:
     """Compile (or load) the kernels of one job in this process."""
-    if job not in JOBS:
-        raise ValueError(f"warm-up job must be one of {', '.join(JOBS)}, got {job!r}")
+    if job not in JOBS + (FINAL,):
+        raise ValueError(f"warm-up job must be one of {', '.join(JOBS + (FINAL,))}, got {job!r}")
     X, labels = _tiny()
     if job == "centers":
         from .mftma.centers import fit_center_model
 
         centers = np.stack([X[labels == c].mean(axis=0, dtype=np.float64) for c in np.unique(labels)])
         fit_center_model(centers, np.random.default_rng(0), n_reps=2)
-    else:
+    elif job == "anchors":
         from .mftma.capacity import manifold_analysis
 
         manifold_analysis(X, labels, n_t=4, n_reps=1, seed=0, K=0, seed_mode="spawn")
-    _analyze_tiny(X, labels, mftma=job == "centers")
+        _analyze_tiny(X, labels, mftma=False)
+    else:
+        _analyze_tiny(X, labels, mftma=True)
 
 
 def _analyze_tiny(X, labels, *, mftma: bool) -> None:
@@ -74,24 +79,28 @@ def _analyze_tiny(X, labels, *, mftma: bool) -> None:
                 force=True)
 
 
+def _spawn(job: str) -> subprocess.Popen | None:
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "geomprobe._warmup", job], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             preexec_fn=(lambda: os.nice(5)) if hasattr(os, "nice") else None)
+    except OSError:
+        return None  # no warm-up: the caller compiles what it needs itself
+    p.geomprobe_t0 = time.perf_counter()
+    return p
+
+
 def start(jobs=JOBS) -> list[subprocess.Popen]:
     """Start one background process per job (stdout/stderr discarded, lowest priority)."""
-    procs = []
-    for job in jobs:
-        try:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "geomprobe._warmup", job],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                preexec_fn=(lambda: os.nice(5)) if hasattr(os, "nice") else None))
-        except OSError:
-            pass  # no warm-up: the caller compiles what it needs itself
-    return procs
+    return [p for p in map(_spawn, jobs) if p is not None]
 
 
-def wait(procs: list[subprocess.Popen], timeout: float = 600.0) -> float:
-    """Wait for the warm-up processes (at most ``timeout`` s in all, then kill them); returns the
-    seconds waited."""
+def wait(procs: list[subprocess.Popen], timeout: float = 600.0, *, warm_after: float = 10.0) -> float:
+    """Wait for the warm-up processes (at most ``timeout`` s in all, then kill them); then, when one of
+    them ran longer than ``warm_after`` s (it compiled: with a warm cache a job takes 2-3 s), run the
+    "final" job alone. Returns the seconds waited."""
     t0 = time.perf_counter()
+    compiled = False
     for p in procs:
         left = max(0.0, timeout - (time.perf_counter() - t0))
         try:
@@ -99,6 +108,15 @@ def wait(procs: list[subprocess.Popen], timeout: float = 600.0) -> float:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+        compiled |= time.perf_counter() - getattr(p, "geomprobe_t0", t0) > warm_after
+    if compiled:
+        final = _spawn(FINAL)
+        if final is not None:
+            try:
+                final.wait(max(1.0, timeout - (time.perf_counter() - t0)))
+            except subprocess.TimeoutExpired:
+                final.kill()
+                final.wait()
     return time.perf_counter() - t0
 
 

@@ -1,6 +1,6 @@
 """geomprobe/_warmup.py: background compilation of the analysis kernels into numba's disk cache.
 
-The slow test checks the point of it: after the warm-up jobs ran in other processes, a fresh process
+The slow test checks the point of it: after the warm-up jobs (and the final one) ran in other processes, a fresh process
 that analyses a real-shaped activations file through ``geomprobe analyze`` compiles no geomprobe
 kernel (every one is loaded from the cache the jobs wrote).
 """
@@ -35,7 +35,7 @@ print(json.dumps(compiled))
 
 
 def test_unknown_job_is_refused():
-    with pytest.raises(ValueError, match="warm-up job must be one of centers, anchors, got 'nope'"):
+    with pytest.raises(ValueError, match="warm-up job must be one of centers, anchors, final, got 'nope'"):
         _warmup.run_job("nope")
 
 
@@ -68,6 +68,8 @@ def test_after_warmup_a_fresh_analysis_compiles_nothing(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-m", "geomprobe._warmup", job], env=env) for job in _warmup.JOBS]
     for p in procs:
         assert p.wait(900) == 0
+    final = subprocess.run([sys.executable, "-m", "geomprobe._warmup", _warmup.FINAL], env=env, timeout=900)
+    assert final.returncode == 0
     rng = np.random.default_rng(11)   # other sizes and seed than the warm-up's own input
     P, M, N = 9, 30, 40
     X = (np.repeat(4 * rng.standard_normal((P, N)), M, axis=0) + rng.standard_normal((P * M, N))).astype(np.float32)
