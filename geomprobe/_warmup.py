@@ -79,9 +79,19 @@ def _analyze_tiny(X, labels, *, mftma: bool) -> None:
                 force=True)
 
 
+def child_argv(statement: str) -> list[str]:
+    """argv of a Python child that runs ``statement`` with this process's sys.path (whatever its
+    working directory holds)."""
+    return [sys.executable, "-c", f"import sys; sys.path[:] = {sys.path!r}; {statement}"]
+
+
 def _spawn(job: str) -> subprocess.Popen | None:
     try:
-        p = subprocess.Popen([sys.executable, "-m", "geomprobe._warmup", job], stdin=subprocess.DEVNULL,
+        # the child imports geomprobe from where this process did: `python -m geomprobe._warmup` run in a
+        # source checkout would put the checkout first on sys.path and compile ITS kernels (another
+        # cache) when this process runs an installed copy, as `pip install . && geomprobe demo` does
+        p = subprocess.Popen(child_argv(f"from geomprobe._warmup import run_job; run_job({job!r})"),
+                             stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              preexec_fn=(lambda: os.nice(5)) if hasattr(os, "nice") else None)
     except OSError:

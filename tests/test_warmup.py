@@ -111,3 +111,22 @@ def test_process_runner_refuses_bad_jobs(bad):
 
     with pytest.raises(InputError, match=r"jobs must be an integer >= 1, got"):
         process_runner(bad)
+
+
+def test_children_import_this_geomprobe_not_one_in_their_working_directory(tmp_path):
+    """`pip install . && geomprobe demo` run in a source checkout: `python -m geomprobe._warmup` would
+    import the checkout's geomprobe (its cwd comes first on sys.path) and fill another kernel cache
+    than the installed copy's (a CI run lost 32 s to it); the children get this process's sys.path."""
+    import geomprobe
+
+    decoy = tmp_path / "geomprobe"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('decoy geomprobe imported')\n")
+    out = subprocess.run(_warmup.child_argv("import geomprobe; print(geomprobe.__file__)"), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == geomprobe.__file__
+    # and the old way does pick the decoy up, so the test could fail
+    old = subprocess.run([sys.executable, "-m", "geomprobe._warmup", "final"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert "decoy geomprobe imported" in old.stderr
