@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+from geomprobe import _warmup
 from geomprobe._validation import InputError
 from geomprobe.local_runner import available_cores
 
@@ -171,7 +172,6 @@ _NOT_MEASURED = {
 
 
 def _run_trained(args) -> int:
-    from geomprobe import _warmup
     from geomprobe.trainers.options import options_for
 
     opts = options_for("label-noise-geometry", "tiny", dict(DEMO_OPTIONS, epochs=args.epochs), seed=args.seed)
@@ -190,7 +190,6 @@ def _run_trained(args) -> int:
 def _train_and_analyse(args, opts, warm) -> int:
     import torch
 
-    from geomprobe import _warmup
     from geomprobe.trainers.effects import summarize
     from geomprobe.trainers.experiments import run_experiment
 

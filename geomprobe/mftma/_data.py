@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from .._validation import InputError, check_labels, check_matrix, encode_labels
+from ..local_runner import available_cores
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,7 @@ def as_manifolds(X, labels, *, min_classes: int = 2) -> Manifolds:
 def n_workers(n_tasks: int) -> int:
     """Threads for a pool of n_tasks independent tasks: the CPUs this process may use (affinity),
     capped by numba's thread setting (NUMBA_NUM_THREADS: 1 in Dask workers) and by n_tasks."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        cpus = os.cpu_count() or 1
+    cpus = available_cores()
     try:
         import numba
         cpus = min(cpus, int(numba.config.NUMBA_NUM_THREADS))

@@ -1,7 +1,6 @@
 """manifold_analysis: MFTMA capacity, radius, dimension, center correlation (spec sections 1-4)."""
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from .._validation import (
     check_positive_int,
     check_seed,
 )
+from ..local_runner import available_cores
 from ._data import Manifolds, as_manifolds, blas_threads, n_workers
 from .anchors import SOLVERS, anchor_gram, cvxpy_anchors, nnls_max_iter
 from .centers import fit_center_model, qr_signs
@@ -193,10 +193,8 @@ SEED_MODES = ("spawn", "reference")
 
 
 def _n_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover
-        return max(1, os.cpu_count() or 1)
+    """Threads of the center model and the per-manifold pool (patched to 1 by a test)."""
+    return available_cores()
 
 
 def manifold_analysis(
